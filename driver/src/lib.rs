@@ -1,0 +1,24 @@
+//! foresnap's I/O path: a ublk target that exposes a backing file or block
+//! device as `/dev/ublkbN`.
+//!
+//! ```text
+//! app -> /dev/ublkbN -> ublk_drv -> queue thread (one io_uring per queue)
+//!                                    |- decode the request   (request.rs)
+//!                                    '- backing I/O on the same ring, O_DIRECT
+//!                                       where the backing allows (queue.rs)
+//! ```
+//!
+//! [`device::serve`] owns the device's life (creation or user recovery,
+//! serving, removal); [`config`] and [`backing`] check every input before
+//! anything is created, so a refused start leaves no device behind.
+
+pub mod backing;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod queue;
+pub mod request;
+
+pub use config::{BlockSize, DeviceConfig, parse_size};
+pub use device::{DeviceInfo, Shutdown, StopReason, serve};
+pub use error::{Error, ErrorKind};
