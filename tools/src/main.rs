@@ -24,10 +24,17 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // One line: what is wrong, and where to read more.
+            // clap's message runs until the first blank line (then come
+            // usage and hints); fold it into one line.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("foresnap: {first} (see foresnap --help)");
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = msg.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("foresnap: {msg} (see foresnap --help)");
             return ExitCode::from(2);
         }
     };

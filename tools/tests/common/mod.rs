@@ -1,0 +1,264 @@
+//! Helpers for the end-to-end tests: a `foresnap serve` child process that
+//! is stopped on drop, shell commands that must succeed, and checks of the
+//! kernel's ublk state.
+//!
+//! Tests that need ublk are `#[ignore]`d with a reason on a plain
+//! `cargo test`; `scripts/test` runs them inside the VM test bed (or
+//! natively where the kernel has ublk) with `--ignored`, where
+//! [`require_ublk`] makes a missing ublk a failure, never a silent pass.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The `foresnap` binary under test.
+pub fn foresnap() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_foresnap"))
+}
+
+/// Fails the test unless this kernel hosts ublk.
+pub fn require_ublk() {
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "this test needs ublk: run it through scripts/test (it uses the VM test bed)"
+    );
+}
+
+/// A scratch directory on a file system that supports O_DIRECT and holes.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("foresnap-e2e-")
+        .tempdir_in("/tmp")
+        .expect("scratch dir")
+}
+
+/// The `/dev/ublkb*` block devices that exist now.
+pub fn ublk_block_devices() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("ublkb"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The ublk devices the kernel knows, including ones without a block node.
+pub fn ublk_char_devices() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/ublk-char")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits (up to 10 s: removal is asynchronous in the kernel) until no
+/// ublk device is left, and fails the test naming the leftovers otherwise.
+pub fn assert_no_ublk_devices() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (b, c) = (ublk_block_devices(), ublk_char_devices());
+        if b.is_empty() && c.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ublk devices left behind: {b:?} {c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `sh -c script`, failing the test with its output unless it
+/// succeeds; returns stdout.
+pub fn sh(script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("spawn sh");
+    assert!(
+        out.status.success(),
+        "command failed ({}): {script}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `sh -c script` and returns its whole output, success or not.
+pub fn sh_output(script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("spawn sh")
+}
+
+/// A running `foresnap serve`.
+pub struct Daemon {
+    child: Option<Child>,
+    /// `/dev/ublkbN`.
+    pub dev: PathBuf,
+    pub id: u32,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts `foresnap serve ARGS` and waits for its ready line.
+    pub fn start(args: &[&str]) -> Daemon {
+        let mut child = foresnap()
+            .arg("serve")
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn foresnap serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (ltx, lrx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if ltx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (etx, erx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[serve] {line}");
+                let _ = etx.send(line);
+            }
+        });
+        // Emulated VMs are slow: allow a generous start-up.
+        let line = match lrx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                let err: Vec<String> = erx.try_iter().collect();
+                panic!("foresnap serve {args:?} did not become ready ({status:?}): {err:?}");
+            }
+        };
+        let dev = line
+            .strip_prefix("device ")
+            .and_then(|l| l.strip_suffix(" ready"))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let id = dev
+            .trim_start_matches("/dev/ublkb")
+            .parse()
+            .expect("device id");
+        let dev = PathBuf::from(dev);
+        wait_for_path(&dev);
+        Daemon {
+            child: Some(child),
+            dev,
+            id,
+            stderr: erx,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `sig` and waits for the exit status.
+    pub fn signal_and_wait(mut self, sig: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: kill(2) with a pid we spawned and still own.
+        unsafe { libc::kill(pid, sig) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "foresnap serve did not exit after signal {sig}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops with SIGTERM and asserts a clean exit.
+    pub fn stop(self) {
+        let status = self.signal_and_wait(libc::SIGTERM);
+        assert!(status.success(), "foresnap serve exited with {status}");
+    }
+
+    /// Kills with SIGKILL: the device stays, waiting for recovery.
+    pub fn kill9(self) {
+        let _ = self.signal_and_wait(libc::SIGKILL);
+    }
+
+    /// stderr lines received so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits up to 10 s for a device node to appear.
+pub fn wait_for_path(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Bytes a file really occupies on disk.
+pub fn allocated_bytes(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).expect("stat").blocks() * 512
+}
+
+/// sha256 of a file or device's first `len` bytes, via coreutils.
+pub fn sha256(p: &Path, len: u64) -> String {
+    sh(&format!(
+        "head -c {len} {} | sha256sum | cut -d' ' -f1",
+        p.display()
+    ))
+    .trim()
+    .to_owned()
+}
