@@ -26,6 +26,7 @@ pub struct Backing {
     size: u64,
     kind: BackingKind,
     direct: bool,
+    zero_range: bool,
 }
 
 impl Backing {
@@ -129,12 +130,18 @@ impl Backing {
                 false
             }
         };
+        let zero_range = match kind {
+            // blkdev_fallocate implements zero range on every block device.
+            BackingKind::BlockDevice => true,
+            BackingKind::File => zero_range_works(&file, size, cfg.block_size),
+        };
         Ok(Backing {
             file,
             path,
             size,
             kind,
             direct,
+            zero_range,
         })
     }
 
@@ -153,6 +160,12 @@ impl Backing {
 
     pub fn kind(&self) -> BackingKind {
         self.kind
+    }
+
+    /// Whether the backing store implements `FALLOC_FL_ZERO_RANGE` (tmpfs
+    /// does not; write-zeroes then punch and re-allocate).
+    pub fn zero_range(&self) -> bool {
+        self.zero_range
     }
 
     /// Whether I/O bypasses the page cache (`O_DIRECT`).
@@ -223,6 +236,27 @@ fn check_size(
     Ok(size)
 }
 
+/// Probes `FALLOC_FL_ZERO_RANGE` on one block just past the end of the file
+/// (with `KEEP_SIZE`, so the file's size and content are untouched), then
+/// releases whatever the probe allocated there.
+fn zero_range_works(file: &File, size: u64, bs: BlockSize) -> bool {
+    let Ok(off) = libc::off_t::try_from(size) else {
+        return true;
+    };
+    let len = libc::off_t::from(bs.bytes());
+    let fd = file.as_raw_fd();
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate(2) on an open fd with a valid range; no memory is
+    // shared with the kernel.
+    let r = unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | keep, off, len) };
+    if r != 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP);
+    }
+    // SAFETY: as above; punching past EOF only frees the probe's blocks.
+    unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | keep, off, len) };
+    true
+}
+
 /// Probes whether `file` (opened `O_DIRECT`) serves a read of one block at
 /// a block-aligned offset that is not page-aligned when the block is
 /// smaller than a page: the alignment the kernel will send us.
@@ -278,6 +312,11 @@ mod tests {
         assert_eq!(meta.len(), 64 << 20);
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 < 1 << 20, "file is not sparse");
+        // The zero-range probe left the size and the allocation alone.
+        let b2 = Backing::open(&cfg(&p, None)).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 64 << 20);
+        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 < 1 << 20);
+        drop((b, b2));
     }
 
     #[test]

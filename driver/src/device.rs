@@ -267,6 +267,7 @@ where
     let size = backing.size();
     let block_size = cfg.block_size;
     let direct_io = backing.is_direct();
+    let zero_range = backing.zero_range();
     let tgt_json = TargetJson {
         backing: canonical,
         block_size: block_size.bytes(),
@@ -275,7 +276,7 @@ where
 
     let queue_shutdown = shutdown.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        serve_queue(qid, dev, size);
+        serve_queue(qid, dev, size, zero_range);
         queue_shutdown.trigger(StopReason::QueueExited);
     };
 

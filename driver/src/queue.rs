@@ -75,16 +75,29 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts `req`: its first backing operation.
-    pub fn start(req: Request) -> (Progress, Action) {
+    /// Starts `req`: its first backing operation. `zero_range`: whether the
+    /// backing store is still believed to implement `FALLOC_FL_ZERO_RANGE`;
+    /// once a queue has seen it refused ([`Progress::zero_range_refused`]),
+    /// it starts write-zeroes at the fallback instead of failing each one.
+    pub fn start(req: Request, zero_range: bool) -> (Progress, Action) {
+        let step = match req.op {
+            Op::WriteZeroes { unmap: false } if !zero_range => Step::ZeroPunch,
+            _ => Step::Main,
+        };
         let p = Progress {
             req,
             done: 0,
-            step: Step::Main,
+            step,
             retries: 0,
         };
         let a = p.issue();
         (p, a)
+    }
+
+    /// Whether this request found `FALLOC_FL_ZERO_RANGE` unsupported and is
+    /// on the punch-and-allocate fallback.
+    pub fn zero_range_refused(&self) -> bool {
+        self.step != Step::Main && matches!(self.req.op, Op::WriteZeroes { unmap: false })
     }
 
     fn issue(&self) -> Action {
@@ -194,6 +207,8 @@ struct QueueState<'b> {
     buf_bytes: u32,
     bufs: &'b [IoBuf<u8>],
     tags: Vec<Option<Progress>>,
+    /// The backing store has not refused `FALLOC_FL_ZERO_RANGE` yet.
+    zero_range: bool,
 }
 
 impl QueueState<'_> {
@@ -201,7 +216,13 @@ impl QueueState<'_> {
         let t = usize::from(tag);
         let action = if io.is_tgt_io() {
             match self.tags.get_mut(t).and_then(Option::as_mut) {
-                Some(p) => p.on_result(io.result()),
+                Some(p) => {
+                    let a = p.on_result(io.result());
+                    if p.zero_range_refused() {
+                        self.zero_range = false;
+                    }
+                    a
+                }
                 // A backing completion for an idle tag cannot happen; if
                 // it does, there is no request to answer.
                 None => {
@@ -222,7 +243,7 @@ impl QueueState<'_> {
                 self.buf_bytes,
             ) {
                 Ok(req) => {
-                    let (p, a) = Progress::start(req);
+                    let (p, a) = Progress::start(req, self.zero_range);
                     self.tags[t] = Some(p);
                     a
                 }
@@ -262,7 +283,7 @@ impl QueueState<'_> {
 
 /// Runs queue `qid` of `dev` until the device stops. Called on the queue's
 /// own thread.
-pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, dev_bytes: u64) {
+pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, dev_bytes: u64, zero_range: bool) {
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
@@ -278,6 +299,7 @@ pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, dev_bytes: u64) {
         buf_bytes: dev.dev_info.max_io_buf_bytes,
         bufs: &bufs,
         tags: vec![None; usize::from(dev.dev_info.queue_depth)],
+        zero_range,
     };
     queue.wait_and_handle_io(|q, tag, io| state.handle(q, tag, io));
 }
@@ -285,6 +307,12 @@ pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, dev_bytes: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Progress {
+        fn start_test(req: Request) -> (Progress, Action) {
+            Progress::start(req, true)
+        }
+    }
 
     fn req(op: Op, len: u32) -> Request {
         Request {
@@ -296,7 +324,7 @@ mod tests {
 
     #[test]
     fn full_transfer_completes_with_its_length() {
-        let (mut p, a) = Progress::start(req(Op::Read, 8192));
+        let (mut p, a) = Progress::start_test(req(Op::Read, 8192));
         assert_eq!(
             a,
             Action::Issue(BackingOp::Read {
@@ -310,7 +338,7 @@ mod tests {
 
     #[test]
     fn short_transfer_resubmits_the_rest() {
-        let (mut p, _) = Progress::start(req(Op::Write { fua: true }, 8192));
+        let (mut p, _) = Progress::start_test(req(Op::Write { fua: true }, 8192));
         assert_eq!(
             p.on_result(4096),
             Action::Issue(BackingOp::Write {
@@ -325,11 +353,11 @@ mod tests {
 
     #[test]
     fn zero_progress_and_errors_give_eio() {
-        let (mut p, _) = Progress::start(req(Op::Read, 4096));
+        let (mut p, _) = Progress::start_test(req(Op::Read, 4096));
         assert_eq!(p.on_result(0), Action::Complete(-libc::EIO));
-        let (mut p, _) = Progress::start(req(Op::Write { fua: false }, 4096));
+        let (mut p, _) = Progress::start_test(req(Op::Write { fua: false }, 4096));
         assert_eq!(p.on_result(-libc::ENOSPC), Action::Complete(-libc::EIO));
-        let (mut p, _) = Progress::start(Request {
+        let (mut p, _) = Progress::start_test(Request {
             op: Op::Flush,
             offset: 0,
             len: 0,
@@ -339,7 +367,7 @@ mod tests {
 
     #[test]
     fn eagain_is_retried_a_bounded_number_of_times() {
-        let (mut p, first) = Progress::start(req(Op::Read, 4096));
+        let (mut p, first) = Progress::start_test(req(Op::Read, 4096));
         for _ in 0..MAX_EAGAIN_RETRIES {
             assert_eq!(p.on_result(-libc::EAGAIN), first);
         }
@@ -348,18 +376,18 @@ mod tests {
 
     #[test]
     fn flush_is_fdatasync_and_fua_is_dsync() {
-        let (_, a) = Progress::start(Request {
+        let (_, a) = Progress::start_test(Request {
             op: Op::Flush,
             offset: 0,
             len: 0,
         });
         assert_eq!(a, Action::Issue(BackingOp::Fdatasync));
-        let (_, a) = Progress::start(req(Op::Write { fua: true }, 4096));
+        let (_, a) = Progress::start_test(req(Op::Write { fua: true }, 4096));
         assert!(matches!(
             a,
             Action::Issue(BackingOp::Write { dsync: true, .. })
         ));
-        let (_, a) = Progress::start(req(Op::Write { fua: false }, 4096));
+        let (_, a) = Progress::start_test(req(Op::Write { fua: false }, 4096));
         assert!(matches!(
             a,
             Action::Issue(BackingOp::Write { dsync: false, .. })
@@ -368,7 +396,7 @@ mod tests {
 
     #[test]
     fn discard_punches_and_reports_zero() {
-        let (mut p, a) = Progress::start(req(Op::Discard, 1 << 20));
+        let (mut p, a) = Progress::start_test(req(Op::Discard, 1 << 20));
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         assert_eq!(
             a,
@@ -379,7 +407,7 @@ mod tests {
             })
         );
         assert_eq!(p.on_result(0), Action::Complete(0));
-        let (mut p, _) = Progress::start(req(Op::Discard, 4096));
+        let (mut p, _) = Progress::start_test(req(Op::Discard, 4096));
         assert_eq!(
             p.on_result(-libc::EOPNOTSUPP),
             Action::Complete(-libc::EOPNOTSUPP)
@@ -388,7 +416,7 @@ mod tests {
 
     #[test]
     fn zero_range_falls_back_to_punch_then_allocate() {
-        let (mut p, a) = Progress::start(req(Op::WriteZeroes { unmap: false }, 4096));
+        let (mut p, a) = Progress::start_test(req(Op::WriteZeroes { unmap: false }, 4096));
         let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         assert_eq!(
             a,
@@ -415,9 +443,24 @@ mod tests {
                 mode: libc::FALLOC_FL_KEEP_SIZE
             })
         );
+        assert!(p.zero_range_refused());
         assert_eq!(p.on_result(0), Action::Complete(0));
+        // A queue that learnt it starts at the fallback.
+        let (p, a) = Progress::start(req(Op::WriteZeroes { unmap: false }, 4096), false);
+        assert!(p.zero_range_refused());
+        assert_eq!(
+            a,
+            Action::Issue(BackingOp::Fallocate {
+                offset: 1 << 20,
+                len: 4096,
+                mode: punch
+            })
+        );
+        // Other ops are not affected by the learnt flag.
+        let (p, _) = Progress::start(req(Op::WriteZeroes { unmap: true }, 4096), false);
+        assert!(!p.zero_range_refused());
         // If punching is unsupported as well, the block layer is told.
-        let (mut p, _) = Progress::start(req(Op::WriteZeroes { unmap: false }, 4096));
+        let (mut p, _) = Progress::start_test(req(Op::WriteZeroes { unmap: false }, 4096));
         p.on_result(-libc::EOPNOTSUPP);
         assert_eq!(
             p.on_result(-libc::EOPNOTSUPP),
@@ -429,7 +472,7 @@ mod tests {
     fn over_long_results_are_clamped() {
         // A backing store claiming more than was asked cannot push `done`
         // past the request or the buffer.
-        let (mut p, _) = Progress::start(req(Op::Read, 4096));
+        let (mut p, _) = Progress::start_test(req(Op::Read, 4096));
         assert_eq!(p.on_result(1 << 20), Action::Complete(4096));
     }
 
@@ -445,7 +488,7 @@ mod tests {
         ) {
             let len = len * 512;
             let op = if write { Op::Write { fua: false } } else { Op::Read };
-            let (mut p, mut a) = Progress::start(Request { op, offset: 0, len });
+            let (mut p, mut a) = Progress::start_test(Request { op, offset: 0, len });
             for r in results {
                 match a {
                     Action::Complete(_) => break,
