@@ -18,6 +18,8 @@ pub mod device;
 pub mod error;
 pub mod queue;
 pub mod request;
+mod sync;
+pub mod tracking;
 
 pub use config::{BlockSize, DeviceConfig, parse_size};
 pub use device::{DeviceInfo, Shutdown, StopReason, serve};
