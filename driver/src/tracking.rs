@@ -7,6 +7,7 @@
 //! into a preserve area, and crash recovery build on it.
 
 pub mod dirty_map;
+pub mod ring;
 pub mod ring_format;
 
 pub use dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry, WriteMarks};
