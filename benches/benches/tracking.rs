@@ -29,6 +29,7 @@ fn track_all(map: &DirtyMap, ring: Option<&WriteRing>, blocks: &[u64]) {
                 offset: off,
                 len: 4096,
                 fua: false,
+                zeroing: false,
             };
             let seq = ring.append(1, kind).expect("ring sized for the run");
             // Keep the ring from filling: the uploader's job in the device.

@@ -93,6 +93,7 @@ impl WriteRing {
             volume_bytes,
             block_bytes,
             volume_id,
+            created_ms: now_ms(),
         };
         let file = OpenOptions::new()
             .read(true)
@@ -237,7 +238,17 @@ impl WriteRing {
                 Err(cur) => seq = cur,
             }
         }
-        let bytes = Record { seq, epoch, kind }.encode();
+        // Wrapping: the field is the time modulo 2^32 ms (module doc of
+        // ring_format); readers unwrap it in sequence order.
+        #[allow(clippy::cast_possible_truncation)]
+        let time_ms = now_ms().wrapping_sub(self.header.created_ms) as u32;
+        let bytes = Record {
+            seq,
+            epoch,
+            time_ms,
+            kind,
+        }
+        .encode();
         let slot = usize::try_from(seq % self.slots).unwrap_or(0);
         // SAFETY: `slot * RECORD_BYTES + RECORD_BYTES <= area_bytes`, the
         // mapping covers the area, and the slot belongs to this writer
@@ -280,6 +291,20 @@ impl WriteRing {
     }
 }
 
+/// Wall-clock milliseconds from the coarse clock: a vDSO read of a few
+/// nanoseconds, precise to the tick, which is all a trace needs.
+fn now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes one timespec into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs * 1000 + nanos / 1_000_000
+}
+
 /// 16 random bytes for the volume id, from the kernel.
 fn getrandom(buf: &mut [u8; 16]) {
     // SAFETY: getrandom(2) writes at most `len` bytes into `buf`.
@@ -305,6 +330,7 @@ mod tests {
             offset: seq_hint * 4096,
             len: 4096,
             fua: false,
+            zeroing: false,
         }
     }
 

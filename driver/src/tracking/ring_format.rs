@@ -17,7 +17,8 @@
 //! | 32 | 4 | tracking block size in bytes |
 //! | 36 | 4 | record size in bytes, 32 |
 //! | 40 | 16 | volume id (random at creation) |
-//! | 56 | 4040 | zero |
+//! | 56 | 8 | creation time, milliseconds since the Unix epoch: records' time base |
+//! | 64 | 4032 | zero |
 //!
 //! Record area: `slots = area / 32` slots; the record with sequence `s`
 //! lives in slot `s % slots`, so the ring overwrites its oldest records as
@@ -27,11 +28,10 @@
 //! |---|---|---|
 //! | 0 | 8 | sequence number, from 1; 0 marks a never-written slot |
 //! | 8 | 4 | epoch |
-//! | 12 | 1 | kind: 1 write, 2 close of `epoch`, 3 preserve |
-//! | 13 | 1 | flags: bit 0 FUA |
-//! | 14 | 2 | zero |
+//! | 12 | 4 | time: milliseconds since the ring's creation, modulo 2^32 (readers unwrap in sequence order) |
 //! | 16 | 8 | write: byte offset; preserve: block number; close: 0 |
-//! | 24 | 4 | write: length in bytes; preserve: preserve-area slot; close: 0 |
+//! | 24 | 3 | write: length in 512-byte sectors; preserve: preserve-area slot; close: 0 |
+//! | 27 | 1 | low 4 bits kind: 1 write, 2 close of `epoch`, 3 preserve; bit 4: FUA; bit 5: zeroing (discard or write-zeroes) |
 //! | 28 | 4 | crc32c of bytes 0..28 |
 //!
 //! # Recovery
@@ -80,6 +80,8 @@ pub struct Header {
     pub volume_bytes: u64,
     pub block_bytes: u32,
     pub volume_id: [u8; 16],
+    /// Milliseconds since the Unix epoch when the ring was made.
+    pub created_ms: u64,
 }
 
 impl Header {
@@ -103,6 +105,7 @@ impl Header {
         h[32..36].copy_from_slice(&self.block_bytes.to_le_bytes());
         h[36..40].copy_from_slice(&RECORD_BYTES_U32.to_le_bytes());
         h[40..56].copy_from_slice(&self.volume_id);
+        h[56..64].copy_from_slice(&self.created_ms.to_le_bytes());
         let crc = crc32c::crc32c(&h);
         h[12..16].copy_from_slice(&crc.to_le_bytes());
         h
@@ -128,6 +131,7 @@ impl Header {
             volume_bytes: le_u64(&page[24..32]),
             block_bytes: le_u32(&page[32..36]),
             volume_id: page[40..56].try_into().map_err(|_| FormatError::Magic)?,
+            created_ms: le_u64(&page[56..64]),
         };
         if le_u32(&page[36..40]) != RECORD_BYTES_U32 {
             return Err(FormatError::Header("record size is not 32"));
@@ -146,14 +150,25 @@ impl Header {
     }
 }
 
+/// Largest length a write record holds: 2^24 - 1 sectors.
+pub const MAX_RECORD_LEN: u64 = ((1 << 24) - 1) << 9;
+
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordKind {
-    /// `len` bytes written at byte `offset` (`fua`: with FUA).
-    Write { offset: u64, len: u32, fua: bool },
+    /// `len` bytes (a multiple of 512, at most [`MAX_RECORD_LEN`]) changed
+    /// at byte `offset`: written (`fua`: with FUA) or, with `zeroing`,
+    /// discarded or zeroed.
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        zeroing: bool,
+    },
     /// Epoch `epoch` closed: records of it before this one are its writes.
     Close,
-    /// The closed content of `block` was copied to preserve-area `slot`.
+    /// The closed content of `block` was copied to preserve-area `slot`
+    /// (below 2^24).
     Preserve { block: u64, slot: u32 },
 }
 
@@ -162,24 +177,35 @@ pub enum RecordKind {
 pub struct Record {
     pub seq: u64,
     pub epoch: u32,
+    /// Milliseconds since the ring's creation, modulo 2^32.
+    pub time_ms: u32,
     pub kind: RecordKind,
 }
 
 impl Record {
-    /// The record's 32 bytes.
+    /// The record's 32 bytes. Lengths and slots beyond their fields are
+    /// the caller's bug; they are clamped (the I/O path never panics).
     pub fn encode(&self) -> [u8; RECORD_BYTES] {
         let mut r = [0u8; RECORD_BYTES];
         r[0..8].copy_from_slice(&self.seq.to_le_bytes());
         r[8..12].copy_from_slice(&self.epoch.to_le_bytes());
-        let (kind, flags, a, b) = match self.kind {
-            RecordKind::Write { offset, len, fua } => (1u8, u8::from(fua), offset, len),
-            RecordKind::Close => (2, 0, 0, 0),
-            RecordKind::Preserve { block, slot } => (3, 0, block, slot),
+        r[12..16].copy_from_slice(&self.time_ms.to_le_bytes());
+        let (kind, a, b) = match self.kind {
+            RecordKind::Write {
+                offset,
+                len,
+                fua,
+                zeroing,
+            } => {
+                let flags = if fua { 0x10 } else { 0 } | if zeroing { 0x20 } else { 0 };
+                (1u8 | flags, offset, len >> 9)
+            }
+            RecordKind::Close => (2, 0, 0),
+            RecordKind::Preserve { block, slot } => (3, block, slot),
         };
-        r[12] = kind;
-        r[13] = flags;
         r[16..24].copy_from_slice(&a.to_le_bytes());
-        r[24..28].copy_from_slice(&b.to_le_bytes());
+        r[24..27].copy_from_slice(&b.min(0xFF_FFFF).to_le_bytes()[..3]);
+        r[27] = kind;
         let crc = crc32c::crc32c(&r[..28]);
         r[28..32].copy_from_slice(&crc.to_le_bytes());
         r
@@ -192,15 +218,17 @@ impl Record {
             return None;
         }
         let seq = le_u64(&r[0..8]);
-        if seq == 0 || r[14] != 0 || r[15] != 0 {
+        if seq == 0 {
             return None;
         }
-        let (a, b) = (le_u64(&r[16..24]), le_u32(&r[24..28]));
-        let kind = match (r[12], r[13]) {
-            (1, f @ (0 | 1)) => RecordKind::Write {
+        let a = le_u64(&r[16..24]);
+        let b = u32::from_le_bytes([r[24], r[25], r[26], 0]);
+        let kind = match (r[27] & 0x0f, r[27] >> 4) {
+            (1, f @ 0..=3) => RecordKind::Write {
                 offset: a,
-                len: b,
-                fua: f == 1,
+                len: b << 9,
+                fua: f & 1 != 0,
+                zeroing: f & 2 != 0,
             },
             (2, 0) if a == 0 && b == 0 => RecordKind::Close,
             (3, 0) => RecordKind::Preserve { block: a, slot: b },
@@ -209,6 +237,7 @@ impl Record {
         Some(Record {
             seq,
             epoch: le_u32(&r[8..12]),
+            time_ms: le_u32(&r[12..16]),
             kind,
         })
     }
@@ -274,6 +303,7 @@ mod tests {
             volume_bytes: 1 << 30,
             block_bytes: 4096,
             volume_id: [7; 16],
+            created_ms: 1_700_000_000_000,
         }
     }
 
@@ -308,22 +338,27 @@ mod tests {
         let r = Record {
             seq: 5,
             epoch: 3,
+            time_ms: 0x0102_0304,
             kind: RecordKind::Write {
                 offset: 8192,
                 len: 4096,
                 fua: true,
+                zeroing: false,
             },
         };
         let b = r.encode();
         assert_eq!(&b[0..8], &5u64.to_le_bytes());
         assert_eq!(&b[8..12], &3u32.to_le_bytes());
-        assert_eq!((b[12], b[13], b[14], b[15]), (1, 1, 0, 0));
+        assert_eq!(&b[12..16], &[4, 3, 2, 1]);
         assert_eq!(&b[16..24], &8192u64.to_le_bytes());
-        assert_eq!(&b[24..28], &4096u32.to_le_bytes());
+        assert_eq!(&b[24..27], &[8, 0, 0], "4096 bytes = 8 sectors");
+        assert_eq!(b[27], 0x11, "kind 1 with FUA");
         assert_eq!(&b[28..32], &crc32c::crc32c(&b[..28]).to_le_bytes());
         let h = header().encode();
         assert_eq!(&h[0..8], b"FSNPRING");
         assert_eq!(&h[36..40], &32u32.to_le_bytes());
+        assert_eq!(&h[56..64], &1_700_000_000_000u64.to_le_bytes());
+        assert_eq!(&h[56..64], &1_700_000_000_000u64.to_le_bytes());
     }
 
     #[test]
@@ -333,6 +368,19 @@ mod tests {
                 offset: 1 << 40,
                 len: 512 << 10,
                 fua: false,
+                zeroing: false,
+            },
+            RecordKind::Write {
+                offset: 0,
+                len: 1 << 30,
+                fua: false,
+                zeroing: true,
+            },
+            RecordKind::Write {
+                offset: 512,
+                len: 512,
+                fua: true,
+                zeroing: false,
             },
             RecordKind::Close,
             RecordKind::Preserve {
@@ -343,6 +391,7 @@ mod tests {
             let r = Record {
                 seq: u64::MAX - 1,
                 epoch: 77,
+                time_ms: u32::MAX,
                 kind,
             };
             assert_eq!(Record::decode(&r.encode()), Some(r));
@@ -360,10 +409,12 @@ mod tests {
         let rec = |seq: u64| Record {
             seq,
             epoch: (seq / 50) as u32,
+            time_ms: seq as u32 * 3,
             kind: RecordKind::Write {
                 offset: seq * 4096,
                 len: 4096,
                 fua: false,
+                zeroing: false,
             },
         };
         for seq in 1..=150 {
@@ -415,7 +466,12 @@ mod tests {
             let slots = 1u64 << slots_pow;
             let in_flight = in_flight.min(total).min(slots);
             let mut area = vec![0u8; slots as usize * RECORD_BYTES];
-            let rec = |seq: u64| Record { seq, epoch: 1, kind: RecordKind::Write { offset: seq, len: 512, fua: false } };
+            let rec = |seq: u64| Record {
+                seq,
+                epoch: 1,
+                time_ms: 0,
+                kind: RecordKind::Write { offset: seq, len: 512, fua: false, zeroing: false },
+            };
             let complete = total - in_flight;
             for seq in 1..=complete {
                 let i = (seq % slots) as usize * RECORD_BYTES;
