@@ -248,11 +248,17 @@ where
         .ctrl_flags(u64::from(
             sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
         ))
-        .dev_flags(if recovering {
-            UblkFlags::UBLK_DEV_F_RECOVER_DEV
-        } else {
-            UblkFlags::UBLK_DEV_F_ADD_DEV
-        })
+        // Each queue thread pinned to one CPU of its queue's set (rublk's
+        // default too): the submitter's completions stay on a warm cache
+        // and the scheduler does not bounce the thread between CPUs.
+        .dev_flags(
+            UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY
+                | if recovering {
+                    UblkFlags::UBLK_DEV_F_RECOVER_DEV
+                } else {
+                    UblkFlags::UBLK_DEV_F_ADD_DEV
+                },
+        )
         .build()
         .map_err(|e| match (cfg.id, &e) {
             (Some(id), UblkError::OtherError(errno)) if *errno == -libc::EEXIST => {
