@@ -9,5 +9,6 @@
 pub mod dirty_map;
 pub mod ring;
 pub mod ring_format;
+pub mod trace;
 
 pub use dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry, WriteMarks};
