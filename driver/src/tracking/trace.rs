@@ -54,7 +54,13 @@ pub fn write_iolog(records: &[Record], file: &str, out: &mut impl Write) -> io::
     let mut n = 0;
     let mut end = 0;
     for (r, t) in records.iter().zip(times) {
-        if let RecordKind::Write { offset, len, zeroing, .. } = r.kind {
+        if let RecordKind::Write {
+            offset,
+            len,
+            zeroing,
+            ..
+        } = r.kind
+        {
             let us = (t - t0) * 1000;
             let action = if zeroing { "trim" } else { "write" };
             writeln!(out, "{us} {file} {action} {offset} {len}")?;
@@ -75,7 +81,12 @@ mod tests {
             seq,
             epoch: 1,
             time_ms,
-            kind: RecordKind::Write { offset, len: 4096, fua: false, zeroing },
+            kind: RecordKind::Write {
+                offset,
+                len: 4096,
+                fua: false,
+                zeroing,
+            },
         }
     }
 
@@ -84,7 +95,12 @@ mod tests {
         let recs = [
             w(1, 100, 0, false),
             w(2, 105, 8192, false),
-            Record { seq: 3, epoch: 1, time_ms: 106, kind: RecordKind::Close },
+            Record {
+                seq: 3,
+                epoch: 1,
+                time_ms: 106,
+                kind: RecordKind::Close,
+            },
             w(4, 110, 4096, true),
         ];
         let mut out = Vec::new();
