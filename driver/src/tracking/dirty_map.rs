@@ -320,11 +320,11 @@ impl DirtyMap {
                 }
             }
         }
-        self.count_heat(first, last, marks.marked, marks.overwrites);
+        self.count_heat(first, marks.marked, marks.overwrites);
         marks
     }
 
-    fn count_heat(&self, first: u64, last: u64, marked: u64, overwrites: u64) {
+    fn count_heat(&self, first: u64, marked: u64, overwrites: u64) {
         if marked == 0 {
             return;
         }
@@ -334,7 +334,6 @@ impl DirtyMap {
         let c = usize::try_from(first >> shift)
             .unwrap_or(usize::MAX)
             .min(self.chunks.len() - 1);
-        let _ = last;
         let sat = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
         self.chunks[c]
             .writes
@@ -356,7 +355,7 @@ impl DirtyMap {
             BlockState::from_bits(old >> locate(block).1),
             BlockState::Closed
         );
-        self.count_heat(block, block, 1, 0);
+        self.count_heat(block, 1, 0);
     }
 
     /// I/O path: the write of `[offset, offset + len)` started by
