@@ -218,7 +218,9 @@ impl QueueState<'_> {
             match self.tags.get_mut(t).and_then(Option::as_mut) {
                 Some(p) => {
                     let a = p.on_result(io.result());
-                    if p.zero_range_refused() {
+                    // Checked only until the first refusal: reads and
+                    // writes pay one bool test.
+                    if self.zero_range && p.zero_range_refused() {
                         self.zero_range = false;
                     }
                     a

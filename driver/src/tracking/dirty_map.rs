@@ -578,6 +578,23 @@ mod tests {
         UploadClosed { pick: usize },
     }
 
+    /// The closed epoch that still needs `b`'s volume content (it is that
+    /// epoch's content of `b` and nobody preserved it), if any.
+    fn needing_epoch(
+        closed: &[BTreeMap<u64, u64>],
+        preserve: &BTreeMap<(usize, u64), u64>,
+        content: &[u64],
+        b: u64,
+    ) -> Option<usize> {
+        closed
+            .iter()
+            .enumerate()
+            .find(|(i, e)| {
+                e.get(&b) == Some(&content[b as usize]) && !preserve.contains_key(&(*i, b))
+            })
+            .map(|(i, _)| i)
+    }
+
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
         use proptest::prelude::*;
         prop_oneof![
@@ -610,19 +627,15 @@ mod tests {
                         // Blocks whose volume content a closed epoch still
                         // needs and nobody preserved: exactly these must be
                         // reported for copy-on-write (invariant 3).
-                        let needs = |b: u64, content: &[u64], preserve: &BTreeMap<(usize, u64), u64>| {
-                            closed.iter().enumerate().find(|(i, e)| {
-                                e.get(&b) == Some(&content[b as usize]) && !preserve.contains_key(&(*i, b))
-                            }).map(|(i, _)| i)
-                        };
+
                         let want: Vec<u64> = (first..=last)
-                            .filter(|&b| needs(b, &content, &preserve).is_some())
+                            .filter(|&b| needing_epoch(&closed, &preserve, &content, b).is_some())
                             .collect();
                         let mut cow = Vec::new();
                         m.start_write(first * 4096, (last - first + 1) * 4096, &mut cow);
                         proptest::prop_assert_eq!(&cow, &want);
                         for &b in &cow {
-                            let e = needs(b, &content, &preserve).unwrap();
+                            let e = needing_epoch(&closed, &preserve, &content, b).unwrap();
                             preserve.insert((e, b), content[b as usize]);
                             m.preserved(b);
                         }
@@ -688,9 +701,7 @@ mod tests {
                 for b in 0..BLOCKS {
                     let st = m.state(b);
                     proptest::prop_assert_eq!(st.changed_in_epoch(), open.contains(&b), "block {}", b);
-                    let needed = closed.iter().enumerate().any(|(i, e)| {
-                        e.get(&b) == Some(&content[b as usize]) && !preserve.contains_key(&(i, b))
-                    });
+                    let needed = needing_epoch(&closed, &preserve, &content, b).is_some();
                     proptest::prop_assert_eq!(st == BlockState::Closed, needed, "block {}", b);
                     if st == BlockState::Uploaded {
                         proptest::prop_assert_eq!(uploaded.get(&b), Some(&content[b as usize]));

@@ -102,7 +102,7 @@ impl WriteRing {
             .open(path)
             .map_err(io_err)?;
         file.set_len(header.file_bytes()).map_err(io_err)?;
-        let ring = Self::map(path, file, header, 1)?;
+        let ring = Self::map(path, file, header)?;
         // SAFETY: the mapping is at least HEADER_BYTES long and nobody else
         // has it yet.
         unsafe {
@@ -170,7 +170,7 @@ impl WriteRing {
                 our_block: block_bytes,
             });
         }
-        let ring = Self::map(path, file, header, 1)?;
+        let ring = Self::map(path, file, header)?;
         let recovered = recover(ring.area());
         ring.next.store(recovered.max_seq + 1, Ordering::Relaxed);
         let oldest = recovered
@@ -181,7 +181,7 @@ impl WriteRing {
         Ok((ring, recovered))
     }
 
-    fn map(path: &Path, file: File, header: Header, next: u64) -> Result<WriteRing, RingError> {
+    fn map(path: &Path, file: File, header: Header) -> Result<WriteRing, RingError> {
         let map = MmapRaw::map_raw(&file).map_err(|source| RingError::Io {
             path: path.to_owned(),
             source,
@@ -192,8 +192,10 @@ impl WriteRing {
             map,
             header,
             slots: header.slots(),
-            next: CachePadded::new(AtomicU64::new(next)),
-            release: CachePadded::new(AtomicU64::new(next)),
+            // An empty ring starts at sequence 1; `open` moves both on to
+            // what recovery found.
+            next: CachePadded::new(AtomicU64::new(1)),
+            release: CachePadded::new(AtomicU64::new(1)),
         })
     }
 
