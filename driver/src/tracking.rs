@@ -12,3 +12,6 @@ pub mod ring_format;
 pub mod trace;
 
 pub use dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry, WriteMarks};
+pub mod tracker;
+
+pub use tracker::{Begin, ClosedSource, Tracker, TrackerConfig};

@@ -156,6 +156,26 @@ impl ChangedSet {
         }
     }
 
+    /// The set of blocks covered by `ranges` of `(first, last)`, in any
+    /// order and overlapping (recovery builds sets from write records).
+    pub fn from_ranges(mut ranges: Vec<(u64, u64)>) -> ChangedSet {
+        ranges.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (first, last) in ranges {
+            match runs.last_mut() {
+                Some((f, c)) if first <= *f + *c => *c = (*c).max(last + 1 - *f),
+                _ => runs.push((first, last + 1 - first)),
+            }
+        }
+        ChangedSet { runs }
+    }
+
+    /// Whether `block` is in the set (binary search).
+    pub fn contains(&self, block: u64) -> bool {
+        let i = self.runs.partition_point(|&(f, _)| f <= block);
+        i > 0 && block < self.runs[i - 1].0 + self.runs[i - 1].1
+    }
+
     /// The runs, ascending.
     pub fn runs(&self) -> &[(u64, u64)] {
         &self.runs
@@ -440,6 +460,18 @@ impl DirtyMap {
         set
     }
 
+    /// Recovery only, before the map is shared: sets blocks `[first,
+    /// last]` (clamped to the volume) to `state`.
+    pub fn set_recovered(&self, first: u64, last: u64, state: BlockState) {
+        let last = last.min(self.blocks.saturating_sub(1));
+        if first > last {
+            return;
+        }
+        for w in locate(first).0..=locate(last).0 {
+            self.update_word(w, first, last, |_| state as u64);
+        }
+    }
+
     /// Heat statistics of `chunk`: blocks written and blocks overwritten
     /// within their epoch, since the map was created.
     pub fn chunk_heat(&self, chunk: u64) -> (u32, u32) {
@@ -545,6 +577,23 @@ mod tests {
         assert_eq!(m.state(2), BlockState::Dirty);
         assert_eq!(m.pending_blocks(), 3);
         assert_eq!(m.chunk_heat(0), (6, 1));
+    }
+
+    #[test]
+    fn sets_from_ranges_and_recovered_states() {
+        let set = ChangedSet::from_ranges(vec![(10, 12), (0, 0), (11, 20), (22, 22), (21, 21)]);
+        assert_eq!(set.runs(), &[(0, 1), (10, 13)]);
+        assert!(set.contains(0) && set.contains(10) && set.contains(22));
+        assert!(!set.contains(1) && !set.contains(9) && !set.contains(23));
+        assert!(!ChangedSet::default().contains(0));
+        let m = DirtyMap::new(100 * 4096, Geometry::default());
+        m.set_recovered(30, 40, BlockState::Closed);
+        m.set_recovered(35, 500, BlockState::Dirty);
+        assert_eq!(m.state(29), BlockState::Clean);
+        assert_eq!(m.state(34), BlockState::Closed);
+        assert_eq!(m.state(35), BlockState::Dirty);
+        assert_eq!(m.state(99), BlockState::Dirty);
+        assert_eq!(m.pending_blocks(), 70);
     }
 
     #[test]

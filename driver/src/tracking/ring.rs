@@ -22,7 +22,8 @@ use crossbeam_utils::CachePadded;
 use memmap2::MmapRaw;
 
 use super::ring_format::{
-    FormatError, HEADER_BYTES, Header, RECORD_BYTES, Record, RecordKind, Recovered, recover,
+    BITMAP_PAGE_BYTES, BitmapPage, FormatError, HEADER_BYTES, Header, RECORD_BYTES, Record,
+    RecordKind, Recovered, recover,
 };
 use crate::sync::{AtomicU64, Ordering};
 
@@ -58,7 +59,7 @@ pub struct RingFull;
 #[derive(Debug)]
 pub struct WriteRing {
     path: PathBuf,
-    _file: File,
+    file: File,
     map: MmapRaw,
     header: Header,
     slots: u64,
@@ -188,7 +189,7 @@ impl WriteRing {
         })?;
         Ok(WriteRing {
             path: path.to_owned(),
-            _file: file,
+            file,
             map,
             header,
             slots: header.slots(),
@@ -287,9 +288,101 @@ impl WriteRing {
         self.next.load(Ordering::Relaxed)
     }
 
-    /// Makes every record appended so far durable (`msync`).
+    /// Makes every record appended so far, and the overflow bitmap,
+    /// durable (`msync`).
     pub fn sync(&self) -> io::Result<()> {
         self.map.flush()
+    }
+
+    /// The ring file, for an `fdatasync` through io_uring: on a shared
+    /// mapping it writes back the same dirty pages `msync` would.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn bitmap_page_ptr(&self) -> *mut u8 {
+        let off = usize::try_from(self.header.bitmap_offset()).unwrap_or(usize::MAX);
+        // `wrapping_add` keeps this safe; the offset lies inside the
+        // mapping, which covers `file_bytes` (checked at open and create).
+        self.map.as_mut_ptr().wrapping_add(off)
+    }
+
+    /// The overflow bitmap's page, `None` if never written or damaged.
+    pub fn bitmap_page(&self) -> Option<BitmapPage> {
+        // SAFETY: the page lies inside the mapping; it is written only by
+        // `write_bitmap_page`, whose callers serialize (the epoch switch
+        // and the first writer to degrade, under the tracker's lock).
+        let page = unsafe { std::slice::from_raw_parts(self.bitmap_page_ptr(), 20) };
+        BitmapPage::decode(page)
+    }
+
+    /// Rewrites the overflow bitmap's page. Callers serialize.
+    pub fn write_bitmap_page(&self, page: BitmapPage) {
+        let bytes = page.encode();
+        // SAFETY: 20 bytes inside the mapping (see `bitmap_page`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.bitmap_page_ptr(), bytes.len());
+        }
+    }
+
+    /// The bitmap's words: one bit per tracking block.
+    fn bitmap_words(&self) -> &[std::sync::atomic::AtomicU64] {
+        let bits_off = self.header.bitmap_offset() + BITMAP_PAGE_BYTES as u64;
+        let words = (self.header.bitmap_bytes() - BITMAP_PAGE_BYTES as u64) / 8;
+        let ptr = self
+            .map
+            .as_mut_ptr()
+            .wrapping_add(usize::try_from(bits_off).unwrap_or(usize::MAX));
+        // SAFETY: the bit area is page-aligned (header page, record area
+        // and bitmap page are whole pages), lies inside the mapping, and
+        // is only ever accessed through these atomics while mapped; the
+        // mapping lives as long as `self`.
+        unsafe {
+            std::slice::from_raw_parts(
+                ptr.cast::<std::sync::atomic::AtomicU64>(),
+                usize::try_from(words).unwrap_or(0),
+            )
+        }
+    }
+
+    /// Sets the bits of blocks `[first, last]`. Lock-free.
+    pub fn set_bits(&self, first: u64, last: u64) {
+        let words = self.bitmap_words();
+        for w in first / 64..=last / 64 {
+            let lo = first.max(w * 64) - w * 64;
+            let hi = last.min(w * 64 + 63) - w * 64;
+            let mask = (u64::MAX >> (63 - (hi - lo))) << lo;
+            if let Some(word) = usize::try_from(w).ok().and_then(|w| words.get(w)) {
+                // Relaxed: durability comes from the msync/fdatasync that
+                // FLUSH and FUA issue, ordering from the data write's
+                // syscall after it.
+                word.fetch_or(mask, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The set bits, as sorted runs `(first, count)`.
+    pub fn bitmap_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (w, word) in self.bitmap_words().iter().enumerate() {
+            let mut v = word.load(std::sync::atomic::Ordering::Relaxed);
+            while v != 0 {
+                let b = w as u64 * 64 + u64::from(v.trailing_zeros());
+                v &= v - 1;
+                match runs.last_mut() {
+                    Some((f, c)) if *f + *c == b => *c += 1,
+                    _ => runs.push((b, 1)),
+                }
+            }
+        }
+        runs
+    }
+
+    /// Clears every bit (after their blocks were recorded otherwise).
+    pub fn clear_bitmap(&self) {
+        for w in self.bitmap_words() {
+            w.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -416,6 +509,29 @@ mod tests {
         let (_, rec) = WriteRing::open(&p, VOL, 4096).unwrap();
         assert_eq!(rec.records.len() as u64, slots);
         assert_eq!(rec.records[0].seq, 11);
+    }
+
+    #[test]
+    fn overflow_bitmap_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ring");
+        let ring = WriteRing::create(&p, 64 << 10, VOL, 4096).unwrap();
+        assert_eq!(ring.bitmap_page(), None, "never written");
+        assert!(ring.bitmap_runs().is_empty());
+        ring.set_bits(3, 3);
+        ring.set_bits(60, 130);
+        ring.set_bits(262_143, 262_143); // the last block of 1 GiB
+        let page = BitmapPage {
+            epoch: 4,
+            degraded: true,
+        };
+        ring.write_bitmap_page(page);
+        drop(ring);
+        let (ring, _) = WriteRing::open(&p, VOL, 4096).unwrap();
+        assert_eq!(ring.bitmap_page(), Some(page));
+        assert_eq!(ring.bitmap_runs(), vec![(3, 1), (60, 71), (262_143, 1)]);
+        ring.clear_bitmap();
+        assert!(ring.bitmap_runs().is_empty());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! # Layout (version 1, all integers little-endian)
 //!
-//! A ring file is one header page followed by the record area.
+//! A ring file is one header page, the record area, then the overflow
+//! bitmap area (its size follows from the header; see below).
 //!
 //! Header, bytes 0..4096:
 //!
@@ -29,9 +30,9 @@
 //! | 0 | 8 | sequence number, from 1; 0 marks a never-written slot |
 //! | 8 | 4 | epoch |
 //! | 12 | 4 | time: milliseconds since the ring's creation, modulo 2^32 (readers unwrap in sequence order) |
-//! | 16 | 8 | write: byte offset; preserve: block number; close: 0 |
-//! | 24 | 3 | write: length in 512-byte sectors; preserve: preserve-area slot; close: 0 |
-//! | 27 | 1 | low 4 bits kind: 1 write, 2 close of `epoch`, 3 preserve; bit 4: FUA; bit 5: zeroing (discard or write-zeroes) |
+//! | 16 | 8 | write: byte offset; preserve: block number; release: the sequence below which records are void; close: 0 |
+//! | 24 | 3 | write: length in 512-byte sectors; preserve: preserve-area slot; close, release: 0 |
+//! | 27 | 1 | low 4 bits kind: 1 write, 2 close of `epoch`, 3 preserve (of closed content of `epoch`), 4 release; bit 4: FUA; bit 5: zeroing (discard or write-zeroes) |
 //! | 28 | 4 | crc32c of bytes 0..28 |
 //!
 //! # Recovery
@@ -44,7 +45,25 @@
 //! a slot holding anything older was not rewritten in this lap, which
 //! means its new record was never completed, which means its write was
 //! never acknowledged (a record is complete before its write is issued).
-//! Torn slots inside the window are counted, not guessed at.
+//! Torn slots inside the window are counted, not guessed at. Records
+//! below the newest release record's sequence belong to epochs that are
+//! uploaded and are ignored by the tracker (their slots may still hold them
+//! when the ring has not wrapped since).
+//!
+//! # Overflow bitmap
+//!
+//! After the record area, [`Header::bitmap_bytes`] bytes: one page, then
+//! one bit per tracking block (bit `b % 8` of byte `b / 8`), the page
+//! count rounded up. Used only when the ring is full: writes that find no
+//! free slot set their blocks' bits instead (degraded mode). Page:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `b"FSNPBITS"` |
+//! | 8 | 4 | the open epoch when the page was last written |
+//! | 12 | 4 | flags: bit 0 degraded (the bits are in use) |
+//! | 16 | 4 | crc32c of bytes 0..16 |
+//! | 20 | 4076 | zero |
 
 /// Magic at the start of every ring file.
 pub const MAGIC: [u8; 8] = *b"FSNPRING";
@@ -90,9 +109,23 @@ impl Header {
         self.area_bytes / RECORD_BYTES as u64
     }
 
+    /// Bytes of the overflow bitmap area: its page and one bit per
+    /// tracking block, in whole pages.
+    pub fn bitmap_bytes(&self) -> u64 {
+        let blocks = self
+            .volume_bytes
+            .div_ceil(u64::from(self.block_bytes.max(1)));
+        4096 + blocks.div_ceil(8).div_ceil(4096) * 4096
+    }
+
+    /// Offset of the overflow bitmap area in the file.
+    pub fn bitmap_offset(&self) -> u64 {
+        HEADER_BYTES as u64 + self.area_bytes
+    }
+
     /// Total file size.
     pub fn file_bytes(&self) -> u64 {
-        HEADER_BYTES as u64 + self.area_bytes
+        self.bitmap_offset() + self.bitmap_bytes()
     }
 
     /// The header page.
@@ -167,9 +200,12 @@ pub enum RecordKind {
     },
     /// Epoch `epoch` closed: records of it before this one are its writes.
     Close,
-    /// The closed content of `block` was copied to preserve-area `slot`
-    /// (below 2^24).
+    /// The closed content of `block` in `epoch` was copied to
+    /// preserve-area `slot` (below 2^24).
     Preserve { block: u64, slot: u32 },
+    /// Records with a sequence below `below` are void: their epochs are
+    /// uploaded.
+    Release { below: u64 },
 }
 
 /// One record.
@@ -202,6 +238,7 @@ impl Record {
             }
             RecordKind::Close => (2, 0, 0),
             RecordKind::Preserve { block, slot } => (3, block, slot),
+            RecordKind::Release { below } => (4, below, 0),
         };
         r[16..24].copy_from_slice(&a.to_le_bytes());
         r[24..27].copy_from_slice(&b.min(0xFF_FFFF).to_le_bytes()[..3]);
@@ -232,6 +269,7 @@ impl Record {
             },
             (2, 0) if a == 0 && b == 0 => RecordKind::Close,
             (3, 0) => RecordKind::Preserve { block: a, slot: b },
+            (4, 0) if b == 0 => RecordKind::Release { below: a },
             _ => return None,
         };
         Some(Record {
@@ -239,6 +277,47 @@ impl Record {
             epoch: le_u32(&r[8..12]),
             time_ms: le_u32(&r[12..16]),
             kind,
+        })
+    }
+}
+
+/// Magic of the overflow bitmap page.
+pub const BITMAP_MAGIC: [u8; 8] = *b"FSNPBITS";
+/// Bytes of the overflow bitmap page.
+pub const BITMAP_PAGE_BYTES: usize = 4096;
+
+/// The overflow bitmap's page (module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BitmapPage {
+    /// The open epoch when the page was written.
+    pub epoch: u32,
+    /// The bits are in use: writes went there because the ring was full.
+    pub degraded: bool,
+}
+
+impl BitmapPage {
+    /// The page's first 20 bytes (the rest of the page is zero).
+    pub fn encode(&self) -> [u8; 20] {
+        let mut p = [0u8; 20];
+        p[0..8].copy_from_slice(&BITMAP_MAGIC);
+        p[8..12].copy_from_slice(&self.epoch.to_le_bytes());
+        p[12..16].copy_from_slice(&u32::from(self.degraded).to_le_bytes());
+        let crc = crc32c::crc32c(&p[..16]);
+        p[16..20].copy_from_slice(&crc.to_le_bytes());
+        p
+    }
+
+    /// `None` for a page never written (all zero) or damaged: a damaged
+    /// page cannot say whether the bits are in use, and the caller treats
+    /// that conservatively.
+    pub fn decode(p: &[u8]) -> Option<BitmapPage> {
+        let p = p.get(..20)?;
+        if p[0..8] != BITMAP_MAGIC || crc32c::crc32c(&p[..16]) != le_u32(&p[16..20]) {
+            return None;
+        }
+        Some(BitmapPage {
+            epoch: le_u32(&p[8..12]),
+            degraded: le_u32(&p[12..16]) & 1 != 0,
         })
     }
 }
@@ -358,7 +437,27 @@ mod tests {
         assert_eq!(&h[0..8], b"FSNPRING");
         assert_eq!(&h[36..40], &32u32.to_le_bytes());
         assert_eq!(&h[56..64], &1_700_000_000_000u64.to_le_bytes());
-        assert_eq!(&h[56..64], &1_700_000_000_000u64.to_le_bytes());
+        let rel = Record {
+            seq: 9,
+            epoch: 2,
+            time_ms: 0,
+            kind: RecordKind::Release { below: 7 },
+        }
+        .encode();
+        assert_eq!(rel[27], 4);
+        assert_eq!(&rel[16..24], &7u64.to_le_bytes());
+        // 1 GiB of 4 KiB blocks: 262144 bits = 32 KiB, plus the page.
+        assert_eq!(header().bitmap_bytes(), 4096 + 32768);
+        assert_eq!(header().file_bytes(), 4096 + 8192 + 4096 + 32768);
+        let page = BitmapPage {
+            epoch: 5,
+            degraded: true,
+        }
+        .encode();
+        assert_eq!(&page[0..8], b"FSNPBITS");
+        assert_eq!(&page[8..12], &5u32.to_le_bytes());
+        assert_eq!(&page[12..16], &1u32.to_le_bytes());
+        assert_eq!(&page[16..20], &crc32c::crc32c(&page[..16]).to_le_bytes());
     }
 
     #[test]
@@ -387,6 +486,7 @@ mod tests {
                 block: 12345,
                 slot: 99,
             },
+            RecordKind::Release { below: 1 << 33 },
         ] {
             let r = Record {
                 seq: u64::MAX - 1,
