@@ -31,7 +31,7 @@ fn bench_request_path(c: &mut Criterion) {
                     let mut sum = 0i64;
                     for &start in &starts {
                         let req = decode(black_box(op), start, 8, DEV, BUF).expect("valid request");
-                        let (mut p, _issue) = Progress::start(req, true);
+                        let (mut p, _issue) = Progress::start(req, true, false);
                         if let Action::Complete(r) = p.on_result(4096) {
                             sum += i64::from(r);
                         }

@@ -77,6 +77,27 @@ pub struct DeviceConfig {
     /// default: big enough for streaming, small enough that the per-tag
     /// buffers (queues x depth x this) stay modest.
     pub io_buf_bytes: u32,
+    /// Change tracking; `None` serves the device untracked.
+    pub tracking: Option<TrackingConfig>,
+}
+
+/// Where change tracking keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackingConfig {
+    /// The write ring file; `None`: beside a backing file, as
+    /// `BACKING.fsring` (a block device backing must name one).
+    pub ring: Option<PathBuf>,
+    /// Size of a new ring file (an existing one keeps its size).
+    pub ring_bytes: u64,
+}
+
+impl Default for TrackingConfig {
+    fn default() -> Self {
+        TrackingConfig {
+            ring: None,
+            ring_bytes: crate::tracking::tracker::DEFAULT_RING_BYTES,
+        }
+    }
 }
 
 impl DeviceConfig {
@@ -90,7 +111,26 @@ impl DeviceConfig {
             block_size: BlockSize::B4096,
             id: None,
             io_buf_bytes: 512 * 1024,
+            tracking: Some(TrackingConfig::default()),
         }
+    }
+
+    /// The write ring's path: the configured one, or `BACKING.fsring`
+    /// beside a backing file. `None` when tracking is off.
+    pub fn ring_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(t) = &self.tracking else {
+            return Ok(None);
+        };
+        if let Some(r) = &t.ring {
+            return Ok(Some(r.clone()));
+        }
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::metadata(&self.backing).is_ok_and(|m| m.file_type().is_block_device()) {
+            return Err(ConfigError::RingNeeded(self.backing.clone()));
+        }
+        let mut p = self.backing.clone().into_os_string();
+        p.push(".fsring");
+        Ok(Some(PathBuf::from(p)))
     }
 
     /// Checks the values that do not need the backing store or the kernel.
@@ -114,6 +154,11 @@ impl DeviceConfig {
             && i32::try_from(id).is_err()
         {
             return Err(ConfigError::Id(id));
+        }
+        if let Some(t) = &self.tracking
+            && t.ring_bytes < 64 << 10
+        {
+            return Err(ConfigError::RingSize(t.ring_bytes));
         }
         Ok(())
     }

@@ -21,13 +21,15 @@ use crate::backing::Backing;
 use crate::config::{BlockSize, DeviceConfig};
 use crate::error::{DeviceError, Error};
 use crate::queue::serve_queue;
+use crate::tracking::Geometry;
+use crate::tracking::tracker::{RecoveryReport, Tracker, TrackerConfig};
 
 const CONTROL: &str = "/dev/ublk-control";
 /// Target name in the kernel's device info and libublk's JSON export.
 const TARGET: &str = "foresnap";
 
 /// What a running device looks like.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DeviceInfo {
     pub id: u32,
     /// `/dev/ublkbN`.
@@ -40,6 +42,8 @@ pub struct DeviceInfo {
     pub direct_io: bool,
     /// This server re-attached to a device whose previous server died.
     pub recovered: bool,
+    /// Change tracking, when on, and what its start recovered.
+    pub tracker: Option<(Arc<Tracker>, RecoveryReport)>,
 }
 
 /// Why a device stopped.
@@ -200,6 +204,7 @@ fn probe_existing(id: u32, cfg: &DeviceConfig) -> Result<Option<Recovery>, Error
 /// kernel's lack of ublk, are reported here.
 pub fn check(cfg: &DeviceConfig) -> Result<(), Error> {
     cfg.validate()?;
+    cfg.ring_path()?;
     Backing::check(cfg)?;
     ublk_available()?;
     Ok(())
@@ -226,6 +231,19 @@ where
         cfg.block_size = r.block_size;
     }
     let backing = Backing::open(&cfg)?;
+    // Before the device exists: a ring that cannot be used leaves nothing.
+    let tracker = match cfg.ring_path()? {
+        Some(ring) => {
+            let tcfg = TrackerConfig {
+                ring,
+                ring_bytes: cfg.tracking.as_ref().map_or(0, |t| t.ring_bytes),
+                geometry: Geometry::default(),
+            };
+            let (t, report) = Tracker::open(&tcfg, backing.path(), backing.size(), cfg.queues)?;
+            Some((Arc::new(t), report))
+        }
+        None => None,
+    };
     let canonical = backing
         .path()
         .canonicalize()
@@ -278,11 +296,17 @@ where
         backing: canonical,
         block_size: block_size.bytes(),
     };
-    let tgt_init = |dev: &mut UblkDev| init_target(dev, &backing, block_size, &tgt_json);
+    // The ring stays open as long as the queues hold their Arc.
+    let ring_fd = {
+        use std::os::fd::AsRawFd;
+        tracker.as_ref().map(|(t, _)| t.ring_file().as_raw_fd())
+    };
+    let tgt_init = |dev: &mut UblkDev| init_target(dev, &backing, ring_fd, block_size, &tgt_json);
 
     let queue_shutdown = shutdown.clone();
+    let queue_tracker = tracker.as_ref().map(|(t, _)| t.clone());
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        serve_queue(qid, dev, size, zero_range);
+        serve_queue(qid, dev, size, zero_range, queue_tracker.as_deref());
         queue_shutdown.trigger(StopReason::QueueExited);
     };
 
@@ -299,6 +323,7 @@ where
             block_size,
             direct_io,
             recovered: recovering,
+            tracker,
         });
         let reason = ready_shutdown.wait();
         log::info!("device {} stopping: {reason:?}", info.dev_id);
@@ -323,14 +348,21 @@ where
 fn init_target(
     dev: &mut UblkDev,
     backing: &Backing,
+    ring: Option<std::os::fd::RawFd>,
     block_size: BlockSize,
     json: &TargetJson,
 ) -> Result<(), UblkError> {
     use std::os::fd::AsRawFd;
     let tgt = &mut dev.tgt;
-    let slot = usize::try_from(tgt.nr_fds).map_err(|_| UblkError::InvalidVal)?;
-    *tgt.fds.get_mut(slot).ok_or(UblkError::InvalidVal)? = backing.file().as_raw_fd();
-    tgt.nr_fds += 1;
+    // Fixed files: 0 the ublk char device (libublk), 1 the backing store,
+    // 2 the write ring (queue.rs names them).
+    for fd in std::iter::once(backing.file().as_raw_fd()).chain(ring) {
+        let slot = usize::try_from(tgt.nr_fds).map_err(|_| UblkError::InvalidVal)?;
+        *tgt.fds.get_mut(slot).ok_or(UblkError::InvalidVal)? = fd;
+        tgt.nr_fds += 1;
+    }
+    // One extra slot per queue for the epoch waker's eventfd read.
+    tgt.extra_ios = u16::from(ring.is_some());
     tgt.dev_size = backing.size();
 
     let shift = block_size.shift();

@@ -24,6 +24,12 @@ pub enum ConfigError {
     Depth(u16),
     #[error("invalid device id {0}: use 0 to 2147483647")]
     Id(u32),
+    #[error("write ring size {0} is too small: give at least 64K")]
+    RingSize(u64),
+    #[error(
+        "backing {0} is a block device: give --ring PATH for the write ring (on a file system)"
+    )]
+    RingNeeded(PathBuf),
 }
 
 /// The backing store cannot be used as asked. Nothing was created, except
@@ -103,6 +109,8 @@ pub enum Error {
     Backing(#[from] BackingError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Track(#[from] crate::tracking::tracker::TrackError),
 }
 
 /// What a caller should do about an [`Error`].
@@ -123,6 +131,8 @@ impl Error {
             Error::Config(_) | Error::Backing(_) => ErrorKind::Usage,
             Error::Device(DeviceError::Ublk { .. }) => ErrorKind::Internal,
             Error::Device(_) => ErrorKind::Environment,
+            Error::Track(crate::tracking::tracker::TrackError::Ring(_)) => ErrorKind::Usage,
+            Error::Track(_) => ErrorKind::Environment,
         }
     }
 }

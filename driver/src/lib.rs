@@ -21,6 +21,6 @@ pub mod request;
 mod sync;
 pub mod tracking;
 
-pub use config::{BlockSize, DeviceConfig, parse_size};
+pub use config::{BlockSize, DeviceConfig, TrackingConfig, parse_size};
 pub use device::{DeviceInfo, Shutdown, StopReason, serve};
 pub use error::{Error, ErrorKind};

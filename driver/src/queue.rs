@@ -18,10 +18,13 @@ use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 
 use crate::request::{Op, Request, completion_result, decode, fallocate_mode};
+use crate::tracking::{Begin, Tracker};
 
 /// Index of the backing file in the queue ring's fixed-file table (0 is the
 /// ublk char device, registered by libublk).
 const BACKING_FD: types::Fixed = types::Fixed(1);
+/// Index of the write ring's file, when tracking is on.
+pub(crate) const RING_FD: types::Fixed = types::Fixed(2);
 
 /// How many times an `EAGAIN` from the backing store is retried before the
 /// request fails. io_uring already punts blocking I/O to its workers, so an
@@ -44,6 +47,9 @@ pub enum BackingOp {
     },
     /// `fdatasync` the backing store.
     Fdatasync,
+    /// `fdatasync` the write ring's file: the records of every write
+    /// completed so far become durable (before a FLUSH or FUA write).
+    SyncRing,
     /// `fallocate(mode)` over the range.
     Fallocate { offset: u64, len: u64, mode: i32 },
 }
@@ -58,6 +64,8 @@ pub enum Action {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
+    /// Making the write ring durable before a FLUSH or FUA write.
+    RingSync,
     Main,
     /// Zero-range unsupported: punching the hole first.
     ZeroPunch,
@@ -79,8 +87,11 @@ impl Progress {
     /// backing store is still believed to implement `FALLOC_FL_ZERO_RANGE`;
     /// once a queue has seen it refused ([`Progress::zero_range_refused`]),
     /// it starts write-zeroes at the fallback instead of failing each one.
-    pub fn start(req: Request, zero_range: bool) -> (Progress, Action) {
+    /// `tracked`: writes are recorded in a write ring, which FLUSH and FUA
+    /// writes make durable first.
+    pub fn start(req: Request, zero_range: bool, tracked: bool) -> (Progress, Action) {
         let step = match req.op {
+            Op::Flush | Op::Write { fua: true } if tracked => Step::RingSync,
             Op::WriteZeroes { unmap: false } if !zero_range => Step::ZeroPunch,
             _ => Step::Main,
         };
@@ -97,7 +108,8 @@ impl Progress {
     /// Whether this request found `FALLOC_FL_ZERO_RANGE` unsupported and is
     /// on the punch-and-allocate fallback.
     pub fn zero_range_refused(&self) -> bool {
-        self.step != Step::Main && matches!(self.req.op, Op::WriteZeroes { unmap: false })
+        matches!(self.step, Step::ZeroPunch | Step::ZeroAlloc)
+            && matches!(self.req.op, Op::WriteZeroes { unmap: false })
     }
 
     fn issue(&self) -> Action {
@@ -105,6 +117,7 @@ impl Progress {
         let rest_off = r.offset + u64::from(self.done);
         let rest_len = r.len - self.done;
         Action::Issue(match (r.op, self.step) {
+            (_, Step::RingSync) => BackingOp::SyncRing,
             (Op::Read, _) => BackingOp::Read {
                 offset: rest_off,
                 len: rest_len,
@@ -142,6 +155,13 @@ impl Progress {
             return self.issue();
         }
         match (self.req.op, self.step) {
+            // The ring could not be made durable: the request must not
+            // claim durability.
+            (_, Step::RingSync) if res < 0 => Action::Complete(-libc::EIO),
+            (_, Step::RingSync) => {
+                self.step = Step::Main;
+                self.issue()
+            }
             (Op::Read | Op::Write { .. }, _) if res > 0 => {
                 let n = res.unsigned_abs().min(self.req.len - self.done);
                 self.done += n;
@@ -194,6 +214,9 @@ fn sqe_for(op: BackingOp, buf: *mut u8) -> squeue::Entry {
         BackingOp::Fdatasync => opcode::Fsync::new(BACKING_FD)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
+        BackingOp::SyncRing => opcode::Fsync::new(RING_FD)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build(),
         BackingOp::Fallocate { offset, len, mode } => opcode::Fallocate::new(BACKING_FD, len)
             .offset(offset)
             .mode(mode)
@@ -201,19 +224,47 @@ fn sqe_for(op: BackingOp, buf: *mut u8) -> squeue::Entry {
     }
 }
 
+/// Tag of the waker's eventfd read: one past the last request tag (the
+/// device reserves the slot with `extra_ios`).
+fn waker_tag(depth: u16) -> u16 {
+    depth
+}
+
+/// Whether `op` changes the device's content: tracked as a write.
+fn is_tracked_write(op: Op) -> Option<(bool, bool)> {
+    match op {
+        Op::Write { fua } => Some((fua, false)),
+        Op::Discard | Op::WriteZeroes { .. } => Some((false, true)),
+        Op::Read | Op::Flush => None,
+    }
+}
+
 /// Per-queue state owned by the queue thread.
 struct QueueState<'b> {
+    qid: u16,
     dev_bytes: u64,
     buf_bytes: u32,
     bufs: &'b [IoBuf<u8>],
     tags: Vec<Option<Progress>>,
     /// The backing store has not refused `FALLOC_FL_ZERO_RANGE` yet.
     zero_range: bool,
+    tracker: Option<&'b Tracker>,
+    /// Scratch for the blocks a write must copy first (no allocation per
+    /// write: sized for the largest request).
+    cow: Vec<u64>,
+    /// Writes held back while an epoch closes, resumed by the waker.
+    deferred: Vec<(u16, Request)>,
+    /// The waker's eventfd read lands here; boxed so it does not move.
+    waker_buf: Box<u64>,
 }
 
 impl QueueState<'_> {
     fn handle(&mut self, q: &UblkQueue<'_>, tag: u16, io: &UblkIOCtx) {
         let t = usize::from(tag);
+        if io.is_tgt_io() && t == self.tags.len() {
+            self.woken(q, io.result());
+            return;
+        }
         let action = if io.is_tgt_io() {
             match self.tags.get_mut(t).and_then(Option::as_mut) {
                 Some(p) => {
@@ -244,15 +295,62 @@ impl QueueState<'_> {
                 self.dev_bytes,
                 self.buf_bytes,
             ) {
-                Ok(req) => {
-                    let (p, a) = Progress::start(req, self.zero_range);
-                    self.tags[t] = Some(p);
-                    a
-                }
+                Ok(req) => match self.begin(tag, req) {
+                    Some(a) => a,
+                    None => return, // deferred
+                },
                 Err(e) => Action::Complete(e.errno()),
             }
         };
         self.act(q, tag, action);
+    }
+
+    /// Starts a decoded request: tracks it if it is a write, unless an
+    /// epoch is closing, in which case it is deferred (`None`).
+    fn begin(&mut self, tag: u16, req: Request) -> Option<Action> {
+        if let Some(tr) = self.tracker
+            && let Some((fua, zeroing)) = is_tracked_write(req.op)
+            && tr.begin_write(self.qid, req.offset, req.len, fua, zeroing, &mut self.cow)
+                == Begin::Defer
+        {
+            self.deferred.push((tag, req));
+            return None;
+        }
+        let (p, a) = Progress::start(req, self.zero_range, self.tracker.is_some());
+        self.tags[usize::from(tag)] = Some(p);
+        Some(a)
+    }
+
+    /// The waker fired: an epoch switch finished. Re-arm it and retry the
+    /// deferred writes (a new close may defer them again).
+    fn woken(&mut self, q: &UblkQueue<'_>, res: i32) {
+        if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+            log::error!("queue {}: waker read failed: {res}", q.get_qid());
+        }
+        self.arm_waker(q);
+        let deferred = std::mem::take(&mut self.deferred);
+        for (tag, req) in deferred {
+            if let Some(a) = self.begin(tag, req) {
+                self.act(q, tag, a);
+            }
+        }
+    }
+
+    fn arm_waker(&mut self, q: &UblkQueue<'_>) {
+        let Some(fd) = self.tracker.and_then(|t| t.waker(self.qid)) else {
+            return;
+        };
+        use std::os::fd::AsRawFd;
+        let tag = waker_tag(u16::try_from(self.tags.len()).unwrap_or(u16::MAX));
+        let ptr: *mut u64 = &raw mut *self.waker_buf;
+        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr.cast(), 8)
+            .build()
+            .user_data(UblkIOCtx::build_user_data(tag, 0, 0, true));
+        if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+            // Without a waker, deferred writes would wait for the next
+            // request on this queue; say so loudly.
+            log::error!("queue {}: cannot arm the epoch waker: {e}", q.get_qid());
+        }
     }
 
     fn act(&mut self, q: &UblkQueue<'_>, tag: u16, action: Action) {
@@ -272,7 +370,12 @@ impl QueueState<'_> {
             }
             Action::Complete(res) => res,
         };
-        self.tags[t] = None;
+        if let Some(p) = self.tags[t].take()
+            && let Some(tr) = self.tracker
+            && is_tracked_write(p.req.op).is_some()
+        {
+            tr.end_write(self.qid, p.req.offset, p.req.len);
+        }
         if let Err(e) = q.complete_io_cmd_unified(
             tag,
             BufDesc::Slice(buf.as_slice()),
@@ -285,7 +388,13 @@ impl QueueState<'_> {
 
 /// Runs queue `qid` of `dev` until the device stops. Called on the queue's
 /// own thread.
-pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, dev_bytes: u64, zero_range: bool) {
+pub(crate) fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    dev_bytes: u64,
+    zero_range: bool,
+    tracker: Option<&Tracker>,
+) {
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
@@ -296,13 +405,23 @@ pub(crate) fn serve_queue(qid: u16, dev: &UblkDev, dev_bytes: u64, zero_range: b
             return;
         }
     };
+    let depth = usize::from(dev.dev_info.queue_depth);
+    let block = tracker.map_or(4096, |t| 1u32 << t.map().geometry().block_shift);
     let mut state = QueueState {
+        qid,
         dev_bytes,
         buf_bytes: dev.dev_info.max_io_buf_bytes,
         bufs: &bufs,
-        tags: vec![None; usize::from(dev.dev_info.queue_depth)],
+        tags: vec![None; depth],
         zero_range,
+        tracker,
+        cow: Vec::with_capacity(
+            usize::try_from(dev.dev_info.max_io_buf_bytes / block + 2).unwrap_or(0),
+        ),
+        deferred: Vec::with_capacity(if tracker.is_some() { depth } else { 0 }),
+        waker_buf: Box::new(0),
     };
+    state.arm_waker(&queue);
     queue.wait_and_handle_io(|q, tag, io| state.handle(q, tag, io));
 }
 
@@ -312,7 +431,7 @@ mod tests {
 
     impl Progress {
         fn start_test(req: Request) -> (Progress, Action) {
-            Progress::start(req, true)
+            Progress::start(req, true, false)
         }
     }
 
@@ -448,7 +567,7 @@ mod tests {
         assert!(p.zero_range_refused());
         assert_eq!(p.on_result(0), Action::Complete(0));
         // A queue that learnt it starts at the fallback.
-        let (p, a) = Progress::start(req(Op::WriteZeroes { unmap: false }, 4096), false);
+        let (p, a) = Progress::start(req(Op::WriteZeroes { unmap: false }, 4096), false, false);
         assert!(p.zero_range_refused());
         assert_eq!(
             a,
@@ -459,7 +578,7 @@ mod tests {
             })
         );
         // Other ops are not affected by the learnt flag.
-        let (p, _) = Progress::start(req(Op::WriteZeroes { unmap: true }, 4096), false);
+        let (p, _) = Progress::start(req(Op::WriteZeroes { unmap: true }, 4096), false, false);
         assert!(!p.zero_range_refused());
         // If punching is unsupported as well, the block layer is told.
         let (mut p, _) = Progress::start_test(req(Op::WriteZeroes { unmap: false }, 4096));
@@ -468,6 +587,37 @@ mod tests {
             p.on_result(-libc::EOPNOTSUPP),
             Action::Complete(-libc::EOPNOTSUPP)
         );
+    }
+
+    #[test]
+    fn tracked_flush_and_fua_sync_the_ring_first() {
+        let flush = Request {
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+        };
+        let (mut p, a) = Progress::start(flush, true, true);
+        assert_eq!(a, Action::Issue(BackingOp::SyncRing));
+        assert_eq!(p.on_result(0), Action::Issue(BackingOp::Fdatasync));
+        assert_eq!(p.on_result(0), Action::Complete(0));
+        let (mut p, a) = Progress::start(req(Op::Write { fua: true }, 4096), true, true);
+        assert_eq!(a, Action::Issue(BackingOp::SyncRing));
+        assert!(matches!(
+            p.on_result(0),
+            Action::Issue(BackingOp::Write { dsync: true, .. })
+        ));
+        assert_eq!(p.on_result(4096), Action::Complete(4096));
+        // A ring that cannot be made durable fails the request: it must
+        // not report durability it does not have.
+        let (mut p, _) = Progress::start(flush, true, true);
+        assert_eq!(p.on_result(-libc::EIO), Action::Complete(-libc::EIO));
+        // Plain writes and reads do not sync the ring.
+        let (_, a) = Progress::start(req(Op::Write { fua: false }, 4096), true, true);
+        assert!(matches!(a, Action::Issue(BackingOp::Write { .. })));
+        let (_, a) = Progress::start(req(Op::Read, 4096), true, true);
+        assert!(matches!(a, Action::Issue(BackingOp::Read { .. })));
+        assert_eq!(is_tracked_write(Op::Discard), Some((false, true)));
+        assert_eq!(is_tracked_write(Op::Flush), None);
     }
 
     #[test]

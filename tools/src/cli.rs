@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use foresnap_driver::{BlockSize, DeviceConfig, parse_size};
+use foresnap_driver::{BlockSize, DeviceConfig, TrackingConfig, parse_size};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +26,62 @@ pub enum Command {
         If the server of device --id N was killed, serving the same backing with\n\
         the same --id re-attaches to the device; its I/O waits meanwhile.")]
     Serve(ServeArgs),
+    /// Close the open epoch of a serving device now: every write
+    /// acknowledged before this point is in the snapshot, none after.
+    /// Prints the snapshot's id.
+    #[command(after_help = "Examples:\n  \
+        foresnap snapshot --control /run/foresnap/ublkb0.sock\n  \
+        foresnap snapshot            (the only daemon in /run/foresnap)")]
+    Snapshot(ControlArgs),
+    /// Show a serving device's tracking state: open epoch, snapshots
+    /// awaiting upload, pending blocks, ring fill, copy-on-write use.
+    #[command(after_help = "Examples:\n  foresnap status --control /run/foresnap/ublkb0.sock")]
+    Status(ControlArgs),
+    /// Export the write records of a ring file as a fio iolog (version 3),
+    /// for replay by fio or by the upload simulator.
+    #[command(after_help = "Examples:\n  \
+        foresnap trace --ring /var/lib/foresnap/db.img.fsring --out db.iolog\n  \
+        fio --name=replay --read_iolog=db.iolog --replay_redirect=/dev/ublkb1 --direct=1")]
+    Trace(TraceArgs),
+    /// Write the content a snapshot awaiting upload had at its close, for
+    /// its changed blocks, into a new sparse volume-sized file (the rest
+    /// are holes); prints the changed blocks as `FIRST COUNT` runs of
+    /// tracking blocks. For inspection and tests.
+    #[command(after_help = "Examples:\n  foresnap export --snapshot 3 --out /tmp/snap3.img")]
+    Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The snapshot (closed epoch) id.
+    #[arg(long, value_name = "ID")]
+    pub snapshot: u32,
+    /// The file to create (absolute path: the daemon writes it).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The daemon's control socket [default: the only one in /run/foresnap].
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// The write ring file.
+    #[arg(long, value_name = "PATH")]
+    pub ring: PathBuf,
+    /// Where to write the iolog ("-" for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// The file name the iolog's lines name (fio's --replay_redirect
+    /// overrides it at replay).
+    #[arg(long, value_name = "NAME", default_value = "/dev/ublkb0")]
+    pub file: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -49,6 +105,21 @@ pub struct ServeArgs {
     /// Device id N of /dev/ublkbN [default: the kernel's choice].
     #[arg(long, value_name = "N")]
     pub id: Option<u32>,
+    /// Write ring file recording every write [default: BACKING.fsring;
+    /// required for a block device backing]. An existing ring is
+    /// recovered: the restart after a crash continues its epochs.
+    #[arg(long, value_name = "PATH")]
+    pub ring: Option<PathBuf>,
+    /// Size of a new write ring file (32 bytes per write record).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size_arg)]
+    pub ring_size: u64,
+    /// Serve without change tracking (no ring, no snapshots).
+    #[arg(long, conflicts_with_all = ["ring", "control"])]
+    pub no_tracking: bool,
+    /// Control socket for `foresnap snapshot` and `status`
+    /// [default: /run/foresnap/ublkbN.sock].
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -69,6 +140,10 @@ impl ServeArgs {
         cfg.depth = self.depth;
         cfg.block_size = self.block_size;
         cfg.id = self.id;
+        cfg.tracking = (!self.no_tracking).then(|| TrackingConfig {
+            ring: self.ring.clone(),
+            ring_bytes: self.ring_size,
+        });
         cfg
     }
 }
@@ -85,7 +160,10 @@ mod tests {
     fn serve_defaults() {
         let Command::Serve(a) = parse(&["serve", "--backing", "/tmp/d.img"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("not serve")
+        };
         let cfg = a.device_config();
         assert_eq!(cfg.depth, 128);
         assert_eq!(cfg.block_size, BlockSize::B4096);
@@ -110,13 +188,54 @@ mod tests {
             "512",
             "--id",
             "7",
+            "--ring",
+            "/r/ring",
+            "--ring-size",
+            "1M",
         ])
         .unwrap()
-        .command;
+        .command
+        else {
+            panic!("not serve")
+        };
         let cfg = a.device_config();
         assert_eq!(cfg.size, Some(2 << 30));
         assert_eq!((cfg.queues, cfg.depth, cfg.id), (3, 64, Some(7)));
         assert_eq!(cfg.block_size, BlockSize::B512);
+        let t = cfg.tracking.unwrap();
+        assert_eq!(t.ring.as_deref(), Some(std::path::Path::new("/r/ring")));
+        assert_eq!(t.ring_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn tracking_defaults_and_off_switch() {
+        let Command::Serve(a) = parse(&["serve", "--backing", "/tmp/d.img"])
+            .unwrap()
+            .command
+        else {
+            panic!("not serve")
+        };
+        let cfg = a.device_config();
+        assert_eq!(
+            cfg.ring_path().unwrap().as_deref(),
+            Some(std::path::Path::new("/tmp/d.img.fsring"))
+        );
+        assert_eq!(cfg.tracking.unwrap().ring_bytes, 64 << 20);
+        let Command::Serve(a) = parse(&["serve", "--backing", "/d", "--no-tracking"])
+            .unwrap()
+            .command
+        else {
+            panic!("not serve")
+        };
+        assert_eq!(a.device_config().tracking, None);
+        let e = parse(&["serve", "--backing", "/d", "--no-tracking", "--ring", "/r"]).unwrap_err();
+        assert!(e.to_string().contains("cannot be used with"), "{e}");
+        let Command::Snapshot(c) = parse(&["snapshot", "--control", "/s"]).unwrap().command else {
+            panic!("not snapshot")
+        };
+        assert_eq!(c.control.as_deref(), Some(std::path::Path::new("/s")));
+        let e = parse(&["trace", "--ring", "/r"]).unwrap_err();
+        assert!(e.to_string().contains("--out"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `foresnap` binary: parse, set up logging, call the library.
 
 mod cli;
+mod control;
 mod serve;
 
 use std::process::ExitCode;
@@ -40,6 +41,10 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Snapshot(args) => serve::snapshot(args),
+        cli::Command::Status(args) => serve::status(args),
+        cli::Command::Trace(args) => serve::trace(args),
+        cli::Command::Export(args) => serve::export(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

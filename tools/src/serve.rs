@@ -7,7 +7,8 @@ use foresnap_driver::{Shutdown, StopReason};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::cli::ServeArgs;
+use crate::cli::{ControlArgs, ExportArgs, ServeArgs, TraceArgs};
+use crate::control;
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let cfg = args.device_config();
@@ -29,7 +30,41 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let result = foresnap_driver::serve(&cfg, &shutdown, |info| {
+    let control_arg = args.control.clone();
+    let control_path = std::sync::Arc::new(std::sync::Mutex::new(None::<std::path::PathBuf>));
+    let bound = control_path.clone();
+    let ready_shutdown = shutdown.clone();
+    let result = foresnap_driver::serve(&cfg, &shutdown, move |info| {
+        if let Some((tracker, report)) = &info.tracker {
+            let path = control_arg.unwrap_or_else(|| control::default_socket(info.id));
+            if let Err(e) = control::serve(&path, tracker.clone()) {
+                // No control path means no snapshots: do not serve a
+                // device that looks tracked but cannot be snapshotted.
+                eprintln!("foresnap: {e:#}");
+                ready_shutdown.trigger(StopReason::QueueExited);
+                return;
+            }
+            log::info!(
+                "tracking: ring {}, epoch {}, control {}; recovered {} records ({} torn), \
+                 {} closed epochs, {} changed blocks, {} from the overflow bitmap{}",
+                tracker.ring_path().display(),
+                tracker.open_epoch(),
+                path.display(),
+                report.records,
+                report.torn,
+                report.closed_epochs,
+                report.open_blocks,
+                report.bitmap_blocks,
+                if report.still_degraded {
+                    "; DEGRADED: the ring is full"
+                } else {
+                    ""
+                }
+            );
+            *bound
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path);
+        }
         let mut out = std::io::stdout().lock();
         // The one line scripts wait for; flushed at once because stdout
         // may be a pipe.
@@ -51,10 +86,139 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     });
     handle.close();
     let _ = signal_thread.join();
+    if let Some(p) = control_path
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        let _ = std::fs::remove_file(p);
+    }
     match result? {
         StopReason::Requested => Ok(()),
         StopReason::QueueExited => {
             anyhow::bail!("the device stopped without being asked to (removed by another tool?)")
         }
     }
+}
+
+/// `foresnap snapshot`: close the open epoch of a serving device.
+pub fn snapshot(args: &ControlArgs) -> anyhow::Result<()> {
+    let socket = control::resolve(args.control.as_deref())?;
+    let v = control::call(&socket, &control::Request::Snapshot)?;
+    let bytes = v["bytes"].as_u64().unwrap_or(0);
+    // Display only.
+    #[allow(clippy::cast_precision_loss)]
+    let mib = bytes as f64 / f64::from(1u32 << 20);
+    println!(
+        "snapshot {} closed: {} blocks changed ({:.1} MiB), writes paused {} us",
+        v["snapshot"], v["blocks"], mib, v["pause_us"]
+    );
+    Ok(())
+}
+
+/// `foresnap status`: the tracker's state, one line per item.
+pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
+    let socket = control::resolve(args.control.as_deref())?;
+    let v = control::call(&socket, &control::Request::Status)?;
+    println!("open epoch        {}", v["open_epoch"]);
+    println!("pending blocks    {}", v["pending_blocks"]);
+    println!(
+        "ring fill         {:.1}%{}",
+        v["ring_fill"].as_f64().unwrap_or(0.0) * 100.0,
+        if v["degraded"] == serde_json::Value::Bool(true) {
+            " DEGRADED (overflow bitmap in use)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "copy-on-write     {} blocks copied, {} preserve slots in use",
+        v["cow_blocks"], v["preserve_slots_used"]
+    );
+    println!("deferred writes   {}", v["deferred_writes"]);
+    let closed = v["closed"].as_array().cloned().unwrap_or_default();
+    println!("awaiting upload   {} snapshots", closed.len());
+    for e in closed {
+        println!(
+            "  snapshot {}: {} blocks, {} preserved{}",
+            e["snapshot"],
+            e["blocks"],
+            e["preserved"],
+            if e["damaged"] == serde_json::Value::Bool(true) {
+                ", DAMAGED (a copy-on-write failed)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// `foresnap trace`: the ring's write records as a fio iolog.
+pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    use foresnap_driver::tracking::ring_format::{HEADER_BYTES, Header, recover};
+    let bytes = std::fs::read(&args.ring)
+        .with_context(|| format!("cannot read ring {}", args.ring.display()))?;
+    let header = Header::decode(&bytes).with_context(|| format!("ring {}", args.ring.display()))?;
+    let end = usize::try_from(header.bitmap_offset()).unwrap_or(usize::MAX);
+    let area = bytes.get(HEADER_BYTES..end).with_context(|| {
+        format!(
+            "ring {} is truncated: {} bytes, its header says {}",
+            args.ring.display(),
+            bytes.len(),
+            header.file_bytes()
+        )
+    })?;
+    let recovered = recover(area);
+    let n = if args.out.as_os_str() == "-" {
+        let mut out = std::io::stdout().lock();
+        foresnap_driver::tracking::trace::write_iolog(&recovered.records, &args.file, &mut out)?
+    } else {
+        let f = std::fs::File::create(&args.out)
+            .with_context(|| format!("cannot create {}", args.out.display()))?;
+        let mut out = std::io::BufWriter::new(f);
+        let n = foresnap_driver::tracking::trace::write_iolog(
+            &recovered.records,
+            &args.file,
+            &mut out,
+        )?;
+        out.flush()
+            .with_context(|| format!("cannot write {}", args.out.display()))?;
+        n
+    };
+    if args.out.as_os_str() != "-" {
+        eprintln!(
+            "foresnap: {n} writes from {} records ({} torn) written to {}",
+            recovered.records.len(),
+            recovered.torn,
+            args.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `foresnap export`: a snapshot's closed content of its changed blocks.
+pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
+    let socket = control::resolve(args.control.control.as_deref())?;
+    let out = std::path::absolute(&args.out)
+        .with_context(|| format!("bad path {}", args.out.display()))?;
+    let v = control::call(
+        &socket,
+        &control::Request::Export {
+            snapshot: args.snapshot,
+            path: out.clone(),
+        },
+    )?;
+    let mut stdout = std::io::stdout().lock();
+    for r in v["runs"].as_array().into_iter().flatten() {
+        writeln!(stdout, "{} {}", r[0], r[1])?;
+    }
+    drop(stdout);
+    eprintln!(
+        "foresnap: snapshot {}: {} blocks written to {}",
+        args.snapshot,
+        v["written"],
+        out.display()
+    );
+    Ok(())
 }

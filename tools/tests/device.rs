@@ -199,7 +199,17 @@ fn failing_backing_gives_eio_and_reads_go_on() {
         small.display()
     ));
     let img = small.join("full.img");
-    let d = Daemon::start(&["--backing", img.to_str().unwrap(), "--size", "64M"]);
+    // The write ring lives elsewhere (on the full tmpfs it could not be
+    // allocated, and the daemon would refuse to start).
+    let ring = dir.path().join("ring");
+    let d = Daemon::start(&[
+        "--backing",
+        img.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--ring",
+        ring.to_str().unwrap(),
+    ]);
     let dev = d.dev.display().to_string();
 
     sh(&format!(
@@ -282,6 +292,28 @@ fn bad_input_leaves_no_device() {
         ),
         (
             vec!["--backing".into(), dir.path().display().to_string()],
+            "neither a regular file nor a block device",
+        ),
+        (
+            vec![
+                "--backing".into(),
+                existing.display().to_string(),
+                "--ring-size".into(),
+                "4K".into(),
+            ],
+            "too small",
+        ),
+        (
+            vec![
+                "--backing".into(),
+                existing.display().to_string(),
+                "--ring".into(),
+                existing.display().to_string(),
+            ],
+            "not a foresnap write ring",
+        ),
+        (
+            vec!["--backing".into(), "/dev/null".into()],
             "neither a regular file nor a block device",
         ),
     ];
@@ -412,7 +444,8 @@ fn flush_and_fua_reach_a_block_device_backing() {
         .trim()
         .to_owned();
     let lp = Path::new(&loopdev);
-    let d = Daemon::start(&["--backing", &loopdev]);
+    let ring = dir.path().join("ring");
+    let d = Daemon::start(&["--backing", &loopdev, "--ring", ring.to_str().unwrap()]);
     let dev = d.dev.display().to_string();
 
     let f0 = stat_field(lp, 15);

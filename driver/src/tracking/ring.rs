@@ -16,6 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crossbeam_utils::CachePadded;
@@ -103,6 +104,16 @@ impl WriteRing {
             .open(path)
             .map_err(io_err)?;
         file.set_len(header.file_bytes()).map_err(io_err)?;
+        // Allocate every page now: a store into a hole of a shared mapping
+        // on a full file system is a SIGBUS, not an error.
+        let len = i64::try_from(header.file_bytes()).unwrap_or(i64::MAX);
+        // SAFETY: posix_fallocate(3) on a descriptor we own; no pointers.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        if rc != 0 {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(io_err(io::Error::from_raw_os_error(rc)));
+        }
         let ring = Self::map(path, file, header)?;
         // SAFETY: the mapping is at least HEADER_BYTES long and nobody else
         // has it yet.
