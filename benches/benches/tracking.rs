@@ -83,5 +83,65 @@ fn bench_tracking(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_tracking);
+/// The whole call the queue thread makes per write: `Tracker::begin_write`
+/// (in-flight count, epoch check, marks, ring record) and `end_write`.
+/// Between timed batches the epoch is closed and finished (as an uploader
+/// would), so that the ring never fills.
+fn bench_tracker(c: &mut Criterion) {
+    use foresnap_driver::tracking::tracker::{Begin, Tracker, TrackerConfig};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let volume = dir.path().join("volume");
+    std::fs::File::create(&volume)
+        .and_then(|f| f.set_len(VOLUME))
+        .expect("volume file");
+    let cfg = TrackerConfig {
+        ring: dir.path().join("ring"),
+        ring_bytes: 64 << 20,
+        geometry: Geometry::default(),
+    };
+    let (tracker, _) = Tracker::open(&cfg, &volume, VOLUME, 2).expect("tracker");
+    let mut g = c.benchmark_group("tracker_begin_end_4k_write");
+    for threads in [1u16, 2] {
+        let streams: Vec<Arc<Vec<u64>>> = (0..threads)
+            .map(|t| Arc::new(random_blocks(0xF0E5 + u64::from(t), WRITES, VOLUME >> 12)))
+            .collect();
+        g.throughput(Throughput::Elements((WRITES * usize::from(threads)) as u64));
+        g.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        std::thread::scope(|s| {
+                            for (q, stream) in streams.iter().take(usize::from(threads)).enumerate()
+                            {
+                                let (tracker, stream) = (&tracker, stream.clone());
+                                let q = u16::try_from(q).expect("two queues");
+                                s.spawn(move || {
+                                    let mut cow = Vec::with_capacity(128);
+                                    for &b in stream.iter() {
+                                        let off = b << 12;
+                                        let r = tracker
+                                            .begin_write(q, off, 4096, false, false, &mut cow);
+                                        assert_eq!(r, Begin::Go);
+                                        tracker.end_write(q, off, 4096);
+                                    }
+                                });
+                            }
+                        });
+                        total += start.elapsed();
+                        let closed = tracker.close().expect("close");
+                        tracker.finish_epoch(closed.epoch).expect("finish");
+                    }
+                    total
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_tracking, bench_tracker);
 criterion_main!(benches);
