@@ -9,6 +9,6 @@
 //! `RUSTFLAGS="--cfg foresnap_loom" cargo test -p foresnap-driver --lib --release loom_models`.
 
 #[cfg(foresnap_loom)]
-pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 #[cfg(not(foresnap_loom))]
-pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};

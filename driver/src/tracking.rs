@@ -7,6 +7,7 @@
 //! into a preserve area, and crash recovery build on it.
 
 pub mod dirty_map;
+pub mod gate;
 pub mod ring;
 pub mod ring_format;
 pub mod trace;

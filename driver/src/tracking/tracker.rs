@@ -18,10 +18,9 @@
 //!
 //! [`Tracker::close`] makes every write acknowledged before it part of the
 //! closed epoch and every later one part of the next, without a lock on
-//! the I/O path: a writer counts itself in flight on its queue's padded
-//! counter and *then* checks the `closing` flag (both sequentially
-//! consistent); the closer sets the flag and *then* waits for every counter
-//! to reach zero. One of the two always sees the other, so no write is
+//! the I/O path: the [`EpochGate`] handshake (a writer counts itself in
+//! flight, then checks the closing flag; the closer raises the flag, then
+//! waits for the counters; loom-checked) guarantees that no write is
 //! between `begin_write` and `end_write` while the map is closed. A writer
 //! that sees the flag backs off and its queue defers the request; the
 //! closer wakes every queue through its eventfd when the new epoch is
@@ -66,10 +65,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use super::gate::EpochGate;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-
-use crossbeam_utils::CachePadded;
 
 use super::dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry};
 use super::ring::{RingError, RingFull, WriteRing};
@@ -260,8 +259,7 @@ pub struct Tracker {
     preserve_path: PathBuf,
     block_bytes: u64,
     epoch: AtomicU32,
-    closing: AtomicBool,
-    in_flight: Box<[CachePadded<AtomicU64>]>,
+    gate: EpochGate,
     wakers: Box<[OwnedFd]>,
     degraded: AtomicBool,
     cow_blocks: AtomicU64,
@@ -362,10 +360,7 @@ impl Tracker {
             preserve_path,
             block_bytes: u64::from(block_bytes),
             epoch: AtomicU32::new(1),
-            closing: AtomicBool::new(false),
-            in_flight: (0..queues.max(1))
-                .map(|_| CachePadded::new(AtomicU64::new(0)))
-                .collect(),
+            gate: EpochGate::new(queues),
             wakers: wakers.into_boxed_slice(),
             degraded: AtomicBool::new(false),
             cow_blocks: AtomicU64::new(0),
@@ -586,11 +581,7 @@ impl Tracker {
         zeroing: bool,
         cow: &mut Vec<u64>,
     ) -> Begin {
-        let counter = &self.in_flight[usize::from(qid) % self.in_flight.len()];
-        // SeqCst on both sides of the handshake with `close` (module doc).
-        counter.fetch_add(1, Ordering::SeqCst);
-        if self.closing.load(Ordering::SeqCst) {
-            counter.fetch_sub(1, Ordering::SeqCst);
+        if !self.gate.enter(qid) {
             self.deferred.fetch_add(1, Ordering::Relaxed);
             return Begin::Defer;
         }
@@ -616,9 +607,7 @@ impl Tracker {
     /// is answered by the backing store (done or failed).
     pub fn end_write(&self, qid: u16, offset: u64, len: u32) {
         self.map.write_done(offset, u64::from(len));
-        // Release: the data write happened before the closer, which reads
-        // this counter, closes the map.
-        self.in_flight[usize::from(qid) % self.in_flight.len()].fetch_sub(1, Ordering::Release);
+        self.gate.exit(qid);
     }
 
     /// The ring is full: record the write in the overflow bitmap.
@@ -720,23 +709,14 @@ impl Tracker {
     pub fn close(&self) -> Result<CloseSummary, TrackError> {
         let _serial = lock(&self.close_lock);
         let start = Instant::now();
-        self.closing.store(true, Ordering::SeqCst);
-        let mut spins = 0u32;
         let mut warned = false;
-        while self.in_flight.iter().any(|c| c.load(Ordering::SeqCst) != 0) {
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+        let waiting = |_| {
             if !warned && start.elapsed() > Duration::from_secs(5) {
                 log::warn!("epoch close: still waiting for writes in flight after 5 s");
                 warned = true;
             }
-        }
-        let result = self.close_quiet();
-        self.closing.store(false, Ordering::SeqCst);
+        };
+        let result = self.gate.close(waiting, || self.close_quiet());
         for w in &self.wakers {
             let one = 1u64.to_ne_bytes();
             // SAFETY: writes 8 bytes from a live buffer to our eventfd.
@@ -1153,7 +1133,7 @@ mod tests {
         // The closer cannot finish while the write is in flight, and new
         // writes are held back meanwhile.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !t.closing.load(Ordering::SeqCst) {
+        while !t.gate.is_closing() {
             assert!(Instant::now() < deadline);
             std::thread::yield_now();
         }
