@@ -89,13 +89,22 @@ pub struct TrackingConfig {
     pub ring: Option<PathBuf>,
     /// Size of a new ring file (an existing one keeps its size).
     pub ring_bytes: u64,
+    /// Tracking block in bytes: a power of two from 512 B to 1 MiB. The
+    /// unit of change tracking, copy-on-write and upload; an existing ring
+    /// keeps the one it was made with.
+    pub block_bytes: u32,
 }
+
+/// Smallest and largest tracking block.
+pub const TRACK_BLOCK_RANGE: (u32, u32) = (512, 1 << 20);
 
 impl Default for TrackingConfig {
     fn default() -> Self {
         TrackingConfig {
             ring: None,
             ring_bytes: crate::tracking::tracker::DEFAULT_RING_BYTES,
+            // 4 KiB: the page size and the usual file system block.
+            block_bytes: 4096,
         }
     }
 }
@@ -155,10 +164,14 @@ impl DeviceConfig {
         {
             return Err(ConfigError::Id(id));
         }
-        if let Some(t) = &self.tracking
-            && t.ring_bytes < 64 << 10
-        {
-            return Err(ConfigError::RingSize(t.ring_bytes));
+        if let Some(t) = &self.tracking {
+            if t.ring_bytes < 64 << 10 {
+                return Err(ConfigError::RingSize(t.ring_bytes));
+            }
+            let (lo, hi) = TRACK_BLOCK_RANGE;
+            if !t.block_bytes.is_power_of_two() || !(lo..=hi).contains(&t.block_bytes) {
+                return Err(ConfigError::TrackBlock(t.block_bytes));
+            }
         }
         Ok(())
     }

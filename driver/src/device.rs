@@ -234,10 +234,14 @@ where
     // Before the device exists: a ring that cannot be used leaves nothing.
     let tracker = match cfg.ring_path()? {
         Some(ring) => {
+            let t = cfg.tracking.clone().unwrap_or_default();
             let tcfg = TrackerConfig {
                 ring,
-                ring_bytes: cfg.tracking.as_ref().map_or(0, |t| t.ring_bytes),
-                geometry: Geometry::default(),
+                ring_bytes: t.ring_bytes,
+                geometry: Geometry {
+                    block_shift: t.block_bytes.trailing_zeros(),
+                    ..Geometry::default()
+                },
             };
             let (t, report) = Tracker::open(&tcfg, backing.path(), backing.size(), cfg.queues)?;
             Some((Arc::new(t), report))

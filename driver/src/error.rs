@@ -26,6 +26,8 @@ pub enum ConfigError {
     Id(u32),
     #[error("write ring size {0} is too small: give at least 64K")]
     RingSize(u64),
+    #[error("invalid tracking block {0}: give a power of two from 512 to 1M")]
+    TrackBlock(u32),
     #[error(
         "backing {0} is a block device: give --ring PATH for the write ring (on a file system)"
     )]

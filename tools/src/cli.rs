@@ -113,6 +113,10 @@ pub struct ServeArgs {
     /// Size of a new write ring file (32 bytes per write record).
     #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size_arg)]
     pub ring_size: u64,
+    /// Tracking block: the unit of change tracking, copy-on-write and
+    /// upload; a power of two from 512 to 1M. An existing ring keeps its own.
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_track_block)]
+    pub track_block: u32,
     /// Serve without change tracking (no ring, no snapshots).
     #[arg(long, conflicts_with_all = ["ring", "control"])]
     pub no_tracking: bool,
@@ -124,6 +128,16 @@ pub struct ServeArgs {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_track_block(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid tracking block '{s}': give a power of two from 512 to 1M");
+    let v = parse_size(s).map_err(|_| bad())?;
+    let (lo, hi) = foresnap_driver::config::TRACK_BLOCK_RANGE;
+    u32::try_from(v)
+        .ok()
+        .filter(|v| v.is_power_of_two() && (lo..=hi).contains(v))
+        .ok_or_else(bad)
 }
 
 fn parse_block_size(s: &str) -> Result<BlockSize, String> {
@@ -143,6 +157,7 @@ impl ServeArgs {
         cfg.tracking = (!self.no_tracking).then(|| TrackingConfig {
             ring: self.ring.clone(),
             ring_bytes: self.ring_size,
+            block_bytes: self.track_block,
         });
         cfg
     }
@@ -234,6 +249,17 @@ mod tests {
             panic!("not snapshot")
         };
         assert_eq!(c.control.as_deref(), Some(std::path::Path::new("/s")));
+        let Command::Serve(a) = parse(&["serve", "--backing", "/d", "--track-block", "64K"])
+            .unwrap()
+            .command
+        else {
+            panic!("not serve")
+        };
+        assert_eq!(a.device_config().tracking.unwrap().block_bytes, 64 << 10);
+        for bad in ["3K", "256", "2M", "x"] {
+            let e = parse(&["serve", "--backing", "/d", "--track-block", bad]).unwrap_err();
+            assert!(e.to_string().contains("tracking block"), "{bad}: {e}");
+        }
         let e = parse(&["trace", "--ring", "/r"]).unwrap_err();
         assert!(e.to_string().contains("--out"), "{e}");
     }

@@ -151,13 +151,15 @@ fn export(tracker: &Tracker, epoch: u32, path: &Path) -> anyhow::Result<(Vec<(u6
         .create_new(true)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    out.set_len(tracker.map().blocks() * bs)?;
+    out.set_len(tracker.volume_bytes())?;
     let mut buf = vec![0u8; usize::try_from(bs)?];
     let mut written = 0;
     for b in set.blocks() {
         match tracker.read_closed(epoch, b, &mut buf) {
             Ok(_) => {
-                out.write_all_at(&buf, b * bs)?;
+                // A last, partial block stops at the end of the volume.
+                let len = tracker.volume_bytes().saturating_sub(b * bs).min(bs);
+                out.write_all_at(&buf[..usize::try_from(len)?], b * bs)?;
                 written += 1;
             }
             Err(ReadClosedError::NotPending { .. }) => {}

@@ -256,6 +256,7 @@ pub struct Tracker {
     ring: WriteRing,
     volume: File,
     volume_path: PathBuf,
+    volume_bytes: u64,
     preserve_path: PathBuf,
     block_bytes: u64,
     epoch: AtomicU32,
@@ -290,6 +291,24 @@ pub enum Begin {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads the tracking block at `offset` of the volume; the part of a last,
+/// partial block past the end of the volume reads as zeroes.
+fn read_block(volume: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match volume.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn now_ms() -> u64 {
@@ -357,6 +376,7 @@ impl Tracker {
             ring,
             volume: volume_file,
             volume_path: volume.to_owned(),
+            volume_bytes,
             preserve_path,
             block_bytes: u64::from(block_bytes),
             epoch: AtomicU32::new(1),
@@ -652,8 +672,7 @@ impl Tracker {
                 .alloc_slot()
                 .ok_or_else(|| io::Error::other("preserve area is out of slots (2^24 blocks)"));
             let copied = copied.and_then(|slot| {
-                self.volume
-                    .read_exact_at(&mut st.buf, b * self.block_bytes)?;
+                read_block(&self.volume, &mut st.buf, b * self.block_bytes)?;
                 st.preserve
                     .write_all_at(&st.buf, u64::from(slot) * self.block_bytes)?;
                 Ok(slot)
@@ -829,9 +848,7 @@ impl Tracker {
                     return Err(ReadClosedError::NotPending { epoch, block });
                 }
             }
-            self.volume
-                .read_exact_at(buf, block * self.block_bytes)
-                .map_err(io_err)?;
+            read_block(&self.volume, buf, block * self.block_bytes).map_err(io_err)?;
             // Module doc of the dirty map, 2: still Closed after the read
             // means no writer had issued its data yet.
             if self.map.state(block) == BlockState::Closed {
@@ -915,6 +932,11 @@ impl Tracker {
     /// The volume this tracker follows.
     pub fn volume_path(&self) -> &Path {
         &self.volume_path
+    }
+
+    /// The volume's size in bytes.
+    pub fn volume_bytes(&self) -> u64 {
+        self.volume_bytes
     }
 }
 
@@ -1066,6 +1088,58 @@ mod tests {
         assert_eq!(closed_value(&t, 2, 1).unwrap().0, 200);
         assert_eq!(closed_value(&t, 3, 2).unwrap().0, 301);
         assert_eq!(t.open_epoch(), 4);
+    }
+
+    #[test]
+    fn large_tracking_blocks_and_a_partial_last_block() {
+        // 64 KiB tracking blocks on a 100 KiB volume: block 1 is 36 KiB.
+        let dir = tempfile::tempdir().unwrap();
+        let vp = dir.path().join("volume");
+        let volume = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&vp)
+            .unwrap();
+        volume.set_len(100 << 10).unwrap();
+        let cfg = TrackerConfig {
+            ring: dir.path().join("ring"),
+            ring_bytes: 1 << 20,
+            geometry: Geometry {
+                block_shift: 16,
+                chunk_shift: 22,
+            },
+        };
+        let (t, _) = Tracker::open(&cfg, &vp, 100 << 10, 1).unwrap();
+        let mut cow = Vec::new();
+        let write = |t: &Tracker, cow: &mut Vec<u64>, byte: u8| {
+            assert_eq!(
+                t.begin_write(0, 80 << 10, 4096, false, false, cow),
+                Begin::Go
+            );
+            volume.write_all_at(&[byte; 4096], 80 << 10).unwrap();
+            t.end_write(0, 80 << 10, 4096);
+        };
+        write(&t, &mut cow, 7);
+        assert_eq!(t.close().unwrap().blocks, 1);
+        write(&t, &mut cow, 9); // copy-on-write of the partial block
+        let mut buf = vec![0xffu8; 64 << 10];
+        assert_eq!(
+            t.read_closed(1, 1, &mut buf).unwrap(),
+            ClosedSource::Preserved
+        );
+        assert!(buf[16 << 10..20 << 10].iter().all(|&b| b == 7));
+        assert!(buf[..16 << 10].iter().all(|&b| b == 0));
+        assert!(buf[36 << 10..].iter().all(|&b| b == 0), "past the end");
+        drop(t);
+        // The ring remembers its block size: another one is refused.
+        let other = TrackerConfig {
+            geometry: Geometry::default(),
+            ..cfg
+        };
+        let e = Tracker::open(&other, &vp, 100 << 10, 1).unwrap_err();
+        assert!(e.to_string().contains("made for another volume"), "{e}");
     }
 
     #[test]
