@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     for rec in &r.records {
         assert!(rec.seq > prev, "records out of order");
         prev = rec.seq;
-        assert!(rec.seq + slots > r.max_seq, "record older than one lap");
+        assert!(
+            rec.seq.saturating_add(slots) > r.max_seq,
+            "record older than one lap"
+        );
         let i = usize::try_from(rec.seq % slots).unwrap() * RECORD_BYTES;
         assert_eq!(&data[i..i + RECORD_BYTES], &rec.encode()[..]);
         assert_eq!(Record::decode(&rec.encode()), Some(*rec));

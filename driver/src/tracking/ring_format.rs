@@ -183,8 +183,10 @@ impl Header {
     }
 }
 
-/// Largest length a write record holds: 2^24 - 1 sectors.
-pub const MAX_RECORD_LEN: u64 = ((1 << 24) - 1) << 9;
+/// Largest length a write record holds: the largest multiple of 512 in a
+/// `u32` (2^23 - 1 sectors; the field has room for 2^24 - 1, but lengths
+/// are `u32`, so decoding refuses anything longer instead of truncating).
+pub const MAX_RECORD_LEN: u64 = ((1 << 23) - 1) << 9;
 
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,12 +257,17 @@ impl Record {
             return None;
         }
         let seq = le_u64(&r[0..8]);
-        if seq == 0 {
+        // 0: never written. 2^63 and up: no ring lives that long (2^63
+        // writes); refusing them keeps `seq + 1` and `seq + slots` exact.
+        if seq == 0 || seq >= 1 << 63 {
             return None;
         }
         let a = le_u64(&r[16..24]);
         let b = u32::from_le_bytes([r[24], r[25], r[26], 0]);
         let kind = match (r[27] & 0x0f, r[27] >> 4) {
+            // A length past u32 was never written by `encode` (found by
+            // the ring_recovery fuzz target: it decoded truncated).
+            (1, _) if b >= 1 << 23 => return None,
             (1, f @ 0..=3) => RecordKind::Write {
                 offset: a,
                 len: b << 9,
@@ -461,6 +468,35 @@ mod tests {
     }
 
     #[test]
+    fn write_lengths_past_u32_are_refused_not_truncated() {
+        // Fuzzer input: sectors field 0x80_0000 (4 GiB) with a valid crc.
+        let mut r = Record {
+            seq: 1,
+            epoch: 1,
+            time_ms: 0,
+            kind: RecordKind::Write {
+                offset: 0,
+                len: 512,
+                fua: false,
+                zeroing: false,
+            },
+        }
+        .encode();
+        r[24..27].copy_from_slice(&[0, 0, 0x80]);
+        let crc = crc32c::crc32c(&r[..28]);
+        r[28..32].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Record::decode(&r), None);
+        r[24..27].copy_from_slice(&[0xff, 0xff, 0x7f]);
+        let crc = crc32c::crc32c(&r[..28]);
+        r[28..32].copy_from_slice(&crc.to_le_bytes());
+        let d = Record::decode(&r).unwrap();
+        assert!(
+            matches!(d.kind, RecordKind::Write { len, .. } if u64::from(len) == MAX_RECORD_LEN)
+        );
+        assert_eq!(d.encode(), r);
+    }
+
+    #[test]
     fn records_round_trip() {
         for kind in [
             RecordKind::Write {
@@ -489,7 +525,7 @@ mod tests {
             RecordKind::Release { below: 1 << 33 },
         ] {
             let r = Record {
-                seq: u64::MAX - 1,
+                seq: (1 << 63) - 1,
                 epoch: 77,
                 time_ms: u32::MAX,
                 kind,
@@ -497,6 +533,13 @@ mod tests {
             assert_eq!(Record::decode(&r.encode()), Some(r));
         }
         assert_eq!(Record::decode(&[0u8; 32]), None, "empty slot");
+        let beyond = Record {
+            seq: 1 << 63,
+            epoch: 1,
+            time_ms: 0,
+            kind: RecordKind::Close,
+        };
+        assert_eq!(Record::decode(&beyond.encode()), None, "sequence past 2^63");
     }
 
     /// A ring written for a while, wrapped, then crashed with some of the
