@@ -1,0 +1,295 @@
+//! Destinations: where snapshot objects live. A destination stores
+//! immutable objects under keys; a key is written once, whole, and never
+//! overwritten, so that what a reader finds under a key is what was written
+//! there (and a manifest, written last, exists only once it is durable).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a destination operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DestError {
+    #[error("{dest}: no object {key}")]
+    NotFound { dest: String, key: String },
+    #[error("{dest}: object {key} exists already; objects are never overwritten")]
+    AlreadyExists { dest: String, key: String },
+    #[error(
+        "invalid object key {0:?}: use letters, digits, '.', '_', '-' and '/' between non-empty parts"
+    )]
+    BadKey(String),
+    #[error("{dest}: {op} {key}: {source}")]
+    Io {
+        dest: String,
+        op: &'static str,
+        key: String,
+        source: io::Error,
+    },
+}
+
+/// An object store.
+pub trait Destination: Send + Sync + std::fmt::Debug {
+    /// Stores `bytes` under `key`, durably, unless the key exists
+    /// ([`DestError::AlreadyExists`]: nothing is overwritten).
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError>;
+    /// The bytes stored under `key`.
+    fn get(&self, key: &str) -> Result<Vec<u8>, DestError>;
+    /// Keys under `prefix` (a key prefix ending in '/'), sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>, DestError>;
+    /// Removes `key`; a missing key is not an error.
+    fn delete(&self, key: &str) -> Result<(), DestError>;
+    /// For messages: `file:///...`, `s3://...`.
+    fn url(&self) -> String;
+}
+
+/// Keys are relative paths of safe characters: no `..`, no empty parts, no
+/// leading '/'. Shared by every destination so that a key means the same
+/// everywhere.
+pub fn check_key(key: &str) -> Result<(), DestError> {
+    let ok = !key.is_empty()
+        && key.len() <= 1024
+        && key
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DestError::BadKey(key.to_owned()))
+    }
+}
+
+/// A local directory (also an NFS mount): each key a file under the root.
+/// Writes go to a temporary file, are fsynced, and are linked into place
+/// (`link(2)` fails on an existing name: no overwrite, even between
+/// concurrent writers), then the directory is fsynced.
+#[derive(Debug)]
+pub struct DirDestination {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+impl DirDestination {
+    /// A destination at `root`, created if missing.
+    pub fn open(root: &Path) -> Result<DirDestination, DestError> {
+        let d = DirDestination {
+            root: root.to_owned(),
+            tmp_seq: AtomicU64::new(0),
+        };
+        fs::create_dir_all(root.join(".tmp")).map_err(|e| d.io("create", "", e))?;
+        Ok(d)
+    }
+
+    fn io(&self, op: &'static str, key: &str, source: io::Error) -> DestError {
+        DestError::Io {
+            dest: self.url(),
+            op,
+            key: key.to_owned(),
+            source,
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, DestError> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Destination for DirDestination {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+        let path = self.path(key)?;
+        let io = |op, e| self.io(op, key, e);
+        if path.exists() {
+            return Err(DestError::AlreadyExists {
+                dest: self.url(),
+                key: key.to_owned(),
+            });
+        }
+        let parent = path.parent().unwrap_or(&self.root).to_owned();
+        fs::create_dir_all(&parent).map_err(|e| io("create directory for", e))?;
+        let tmp = self.root.join(".tmp").join(format!(
+            "{}.{}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| io("create", e))?;
+            f.write_all(bytes).map_err(|e| io("write", e))?;
+            f.sync_all().map_err(|e| io("fsync", e))?;
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(DestError::AlreadyExists {
+                        dest: self.url(),
+                        key: key.to_owned(),
+                    });
+                }
+                Err(e) => return Err(io("link", e)),
+            }
+            sync_dir(&parent).map_err(|e| io("fsync directory of", e))
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+        let path = self.path(key)?;
+        fs::read(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DestError::NotFound {
+                dest: self.url(),
+                key: key.to_owned(),
+            },
+            _ => self.io("read", key, e),
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
+        let dir_key = prefix.trim_end_matches('/');
+        if !dir_key.is_empty() {
+            check_key(dir_key)?;
+        }
+        let mut out = Vec::new();
+        let mut stack = vec![(self.root.join(dir_key), dir_key.to_owned())];
+        while let Some((dir, key)) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io("list", &key, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io("list", &key, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if key.is_empty() && name == ".tmp" {
+                    continue;
+                }
+                let child = if key.is_empty() {
+                    name
+                } else {
+                    format!("{key}/{name}")
+                };
+                let ft = entry.file_type().map_err(|e| self.io("list", &child, e))?;
+                if ft.is_dir() {
+                    stack.push((entry.path(), child));
+                } else if check_key(&child).is_ok() {
+                    out.push(child);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), DestError> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                let parent = path.parent().unwrap_or(&self.root);
+                sync_dir(parent).map_err(|e| self.io("fsync directory of", key, e))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io("delete", key, e)),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete_and_never_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DirDestination::open(dir.path()).unwrap();
+        d.put("v/objects/1.chunk", b"one").unwrap();
+        d.put("v/objects/2.delta", b"two").unwrap();
+        d.put("v/manifests/1", b"m").unwrap();
+        assert_eq!(d.get("v/objects/1.chunk").unwrap(), b"one");
+        let e = d.put("v/objects/1.chunk", b"other").unwrap_err();
+        assert!(matches!(e, DestError::AlreadyExists { .. }), "{e}");
+        assert_eq!(d.get("v/objects/1.chunk").unwrap(), b"one", "overwritten");
+        assert_eq!(
+            d.list("v/objects/").unwrap(),
+            vec!["v/objects/1.chunk", "v/objects/2.delta"]
+        );
+        assert_eq!(
+            d.list("").unwrap().len(),
+            3,
+            "the temporary area is not listed"
+        );
+        assert!(d.list("nothing/").unwrap().is_empty());
+        d.delete("v/objects/1.chunk").unwrap();
+        d.delete("v/objects/1.chunk").unwrap();
+        assert!(matches!(
+            d.get("v/objects/1.chunk"),
+            Err(DestError::NotFound { .. })
+        ));
+        assert!(
+            fs::read_dir(dir.path().join(".tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "temporary files left"
+        );
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DirDestination::open(dir.path()).unwrap();
+        for k in [
+            "",
+            "/abs",
+            "a//b",
+            "../up",
+            "a/../b",
+            "a/./b",
+            "sp ace",
+            "a\nb",
+            "trailing/",
+        ] {
+            assert!(
+                matches!(d.put(k, b"x"), Err(DestError::BadKey(_))),
+                "{k:?} accepted"
+            );
+            assert!(
+                matches!(d.get(k), Err(DestError::BadKey(_))),
+                "{k:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_key_leave_exactly_one_whole_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::sync::Arc::new(DirDestination::open(dir.path()).unwrap());
+        let results: Vec<bool> = (0..8u8)
+            .map(|i| {
+                let d = d.clone();
+                std::thread::spawn(move || d.put("k", &vec![i; 1 << 16]).is_ok())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(results.iter().filter(|ok| **ok).count(), 1);
+        let got = d.get("k").unwrap();
+        assert_eq!(got.len(), 1 << 16);
+        assert!(got.iter().all(|&b| b == got[0]), "a mix of writers");
+    }
+}

@@ -1,0 +1,15 @@
+//! Snapshots in object storage: the format of their objects and manifests,
+//! the destinations that hold them, and restore.
+//!
+//! A snapshot is a manifest plus data objects ([`mod@format`]). Destinations
+//! ([`dest`]) store immutable objects under keys: a key is written once and
+//! never overwritten, so a reader can trust what it finds. [`restore`]
+//! rebuilds a volume image from a manifest, checking every object's
+//! checksums before its bytes are used.
+
+pub mod dest;
+pub mod format;
+pub mod restore;
+
+pub use dest::{DestError, Destination, DirDestination};
+pub use format::{Manifest, ObjectKind, ObjectRef};
