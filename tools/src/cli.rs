@@ -43,12 +43,43 @@ pub enum Command {
         foresnap trace --ring /var/lib/foresnap/db.img.fsring --out db.iolog\n  \
         fio --name=replay --read_iolog=db.iolog --replay_redirect=/dev/ublkb1 --direct=1")]
     Trace(TraceArgs),
+    /// List the complete snapshots of a volume at a destination.
+    #[command(after_help = "Examples:\n  foresnap snapshots --dest file:///backup --volume db")]
+    Snapshots(DestArgs),
+    /// Restore a snapshot from a destination into a new image file; every
+    /// object is verified before use.
+    #[command(after_help = "Examples:\n  \
+        foresnap restore --dest file:///backup --volume db --out /var/tmp/db.img\n  \
+        foresnap restore --dest file:///backup --volume db --snapshot 12 --out db-12.img")]
+    Restore(RestoreArgs),
     /// Write the content a snapshot awaiting upload had at its close, for
     /// its changed blocks, into a new sparse volume-sized file (the rest
     /// are holes); prints the changed blocks as `FIRST COUNT` runs of
     /// tracking blocks. For inspection and tests.
     #[command(after_help = "Examples:\n  foresnap export --snapshot 3 --out /tmp/snap3.img")]
     Export(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DestArgs {
+    /// The destination: file:///PATH.
+    #[arg(long, value_name = "URL")]
+    pub dest: String,
+    /// The volume's name there.
+    #[arg(long, value_name = "NAME")]
+    pub volume: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub from: DestArgs,
+    /// The snapshot id [default: the newest].
+    #[arg(long, value_name = "ID")]
+    pub snapshot: Option<u32>,
+    /// The image file to create (never overwritten).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -118,8 +149,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_track_block)]
     pub track_block: u32,
     /// Serve without change tracking (no ring, no snapshots).
-    #[arg(long, conflicts_with_all = ["ring", "control"])]
+    #[arg(long, conflicts_with_all = ["ring", "control", "dest"])]
     pub no_tracking: bool,
+    /// Upload every closed snapshot to this destination: file:///PATH (a
+    /// directory, also an NFS mount). Without it snapshots wait for upload.
+    #[arg(long, value_name = "URL")]
+    pub dest: Option<String>,
+    /// The volume's name at the destination [default: the backing file's
+    /// name].
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
+    /// Object size: a power of two from 1M to 64M.
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
     /// Control socket for `foresnap snapshot` and `status`
     /// [default: /run/foresnap/ublkbN.sock].
     #[arg(long, value_name = "SOCKET")]
@@ -137,6 +179,15 @@ fn parse_track_block(s: &str) -> Result<u32, String> {
     u32::try_from(v)
         .ok()
         .filter(|v| v.is_power_of_two() && (lo..=hi).contains(v))
+        .ok_or_else(bad)
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid chunk size '{s}': give a power of two from 1M to 64M");
+    let v = parse_size(s).map_err(|_| bad())?;
+    u32::try_from(v)
+        .ok()
+        .filter(|v| v.is_power_of_two() && (1 << 20..=64 << 20).contains(v))
         .ok_or_else(bad)
 }
 

@@ -3,6 +3,7 @@
 mod cli;
 mod control;
 mod serve;
+mod upload;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,8 @@ fn main() -> ExitCode {
         cli::Command::Status(args) => serve::status(args),
         cli::Command::Trace(args) => serve::trace(args),
         cli::Command::Export(args) => serve::export(args),
+        cli::Command::Snapshots(args) => upload::snapshots(args),
+        cli::Command::Restore(args) => upload::restore(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

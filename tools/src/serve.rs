@@ -15,6 +15,17 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // Check everything first, so that bad input fails before the signal
     // thread or a device exists.
     foresnap_driver::device::check(&cfg)?;
+    // The destination too: a bad URL or name fails before any device.
+    let upload = match &args.dest {
+        Some(url) => Some((
+            crate::upload::open_dest(url)?,
+            crate::upload::volume_keys(args.volume.as_deref(), &args.backing)?,
+        )),
+        None => None,
+    };
+    let upload_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let uploader_stop = upload_stop.clone();
+    let chunk_bytes = args.chunk_size;
 
     let shutdown = Shutdown::new();
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
@@ -64,6 +75,28 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             *bound
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(path);
+            if report.existing_blocks > 0 {
+                log::info!(
+                    "new ring on a volume with data: {} blocks tracked for the first snapshot",
+                    report.existing_blocks
+                );
+            }
+            if let Some((dest, keys)) = upload {
+                let url = dest.url();
+                let name = keys.name().to_owned();
+                if let Err(e) = crate::upload::start_uploader(
+                    tracker.clone(),
+                    dest,
+                    keys,
+                    chunk_bytes,
+                    uploader_stop,
+                ) {
+                    eprintln!("foresnap: {e:#}");
+                    ready_shutdown.trigger(StopReason::QueueExited);
+                    return;
+                }
+                log::info!("uploading snapshots of volume {name} to {url}");
+            }
         }
         let mut out = std::io::stdout().lock();
         // The one line scripts wait for; flushed at once because stdout
@@ -86,6 +119,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     });
     handle.close();
     let _ = signal_thread.join();
+    upload_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(p) = control_path
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -285,3 +285,119 @@ fn kill9_trials_lose_no_tracking_and_no_snapshot() {
     assert!(out.stdout.is_empty(), "device left behind");
     assert_no_ublk_devices();
 }
+
+/// Waits until `foresnap snapshots` lists snapshot `id`.
+fn wait_uploaded(dest: &str, volume: &str, id: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = foresnap()
+            .args(["snapshots", "--dest", dest, "--volume", volume])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text
+            .lines()
+            .any(|l| l.starts_with(&format!("snapshot {id} ")))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshot {id} not uploaded in 120 s: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Snapshots uploaded to a directory destination while the device is
+/// rewritten restore bit-exact to the images at their closes: the first a
+/// full one (the data already on the backing included), the next
+/// incremental (deltas and new chunks over the first).
+#[test]
+#[ignore = "needs ublk: scripts/test runs it in the VM test bed"]
+fn uploaded_snapshots_restore_bit_exact() {
+    require_ublk();
+    let dir = scratch();
+    let img = dir.path().join("vol.img");
+    // Data on the backing before foresnap ever saw it.
+    sh(&format!(
+        "head -c 2M /dev/urandom > {0} && truncate -s 24M {0}",
+        img.display()
+    ));
+    let dest = format!("file://{}", dir.path().join("dest").display());
+    let sock = dir.path().join("ctl.sock");
+    let d = Daemon::start(&[
+        "--backing",
+        img.to_str().unwrap(),
+        "--control",
+        sock.to_str().unwrap(),
+        "--dest",
+        &dest,
+        "--volume",
+        "db",
+        "--chunk-size",
+        "1M",
+    ]);
+    let dev = d.dev.display().to_string();
+    sh(&format!(
+        "dd if=/dev/urandom of={dev} bs=64k seek=100 count=16 oflag=direct status=none"
+    ));
+    assert_eq!(snapshot(&sock), 1);
+    let image1 = dir.path().join("image1");
+    sh(&format!("cp {} {}", img.display(), image1.display()));
+    // Rewrite while snapshot 1 uploads: some blocks of old chunks (deltas),
+    // a whole new chunk, some of the pre-existing data.
+    sh(&format!(
+        "dd if=/dev/urandom of={dev} bs=4k seek=1 count=3 oflag=direct status=none; \
+         dd if=/dev/urandom of={dev} bs=1M seek=10 count=1 oflag=direct status=none; \
+         dd if=/dev/urandom of={dev} bs=4k seek=1700 count=1 oflag=direct status=none"
+    ));
+    assert_eq!(snapshot(&sock), 2);
+    let image2 = dir.path().join("image2");
+    sh(&format!("cp {} {}", img.display(), image2.display()));
+    wait_uploaded(&dest, "db", 2);
+    for (id, image) in [(1, &image1), (2, &image2)] {
+        let out = dir.path().join(format!("restored{id}"));
+        let o = foresnap()
+            .args([
+                "restore",
+                "--dest",
+                &dest,
+                "--volume",
+                "db",
+                "--snapshot",
+                &id.to_string(),
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "restore {id}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            read_all(&out) == read_all(image),
+            "snapshot {id} does not restore to the image at its close"
+        );
+    }
+    // Uploaded epochs are finished: nothing awaits upload any more.
+    let status = sh(&format!(
+        "{} status --control {}",
+        env!("CARGO_BIN_EXE_foresnap"),
+        sock.display()
+    ));
+    assert!(status.contains("awaiting upload   0 snapshots"), "{status}");
+    // A restore never overwrites, and names what is wrong.
+    let o = foresnap()
+        .args(["restore", "--dest", &dest, "--volume", "db", "--out"])
+        .arg(&image1)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("File exists"));
+    d.stop();
+    assert_no_ublk_devices();
+}

@@ -528,24 +528,75 @@ impl Manifest {
     }
 }
 
-/// Hex of a volume id, the first part of every key.
+/// Hex of a volume id.
 pub fn volume_hex(id: &[u8; 16]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The key of a snapshot's manifest.
-pub fn manifest_key(volume: &[u8; 16], snapshot: u32) -> String {
-    format!("{}/manifests/{snapshot:010}", volume_hex(volume))
+/// The keys of one volume's snapshots at a destination: everything lives
+/// under the volume's name, manifests apart from objects so that listing
+/// snapshots is one small listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
 }
 
-/// The key of an object: sorted by chunk, then snapshot.
-pub fn object_key(volume: &[u8; 16], chunk: u64, r: ObjectRef) -> String {
-    format!(
-        "{}/objects/{chunk:012}/{:010}.{}",
-        volume_hex(volume),
-        r.snapshot,
-        r.kind.suffix()
-    )
+impl Keys {
+    /// Keys under volume name `name`: letters, digits, '.', '_' and '-',
+    /// not starting with '.'.
+    pub fn new(name: &str) -> Result<Keys, String> {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && !name.starts_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(Keys {
+                prefix: name.to_owned(),
+            })
+        } else {
+            Err(format!(
+                "invalid volume name {name:?}: use 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'"
+            ))
+        }
+    }
+
+    /// The volume name.
+    pub fn name(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where the manifests are (a listing prefix).
+    pub fn manifests(&self) -> String {
+        format!("{}/manifests/", self.prefix)
+    }
+
+    /// The key of a snapshot's manifest.
+    pub fn manifest(&self, snapshot: u32) -> String {
+        format!("{}/manifests/{snapshot:010}", self.prefix)
+    }
+
+    /// The key of an object: sorted by chunk, then snapshot.
+    pub fn object(&self, chunk: u64, r: ObjectRef) -> String {
+        format!(
+            "{}/objects/{chunk:012}/{:010}.{}",
+            self.prefix,
+            r.snapshot,
+            r.kind.suffix()
+        )
+    }
+
+    /// The snapshot ids whose manifests `keys` (a listing) holds, sorted.
+    pub fn snapshot_ids(&self, keys: &[String]) -> Vec<u32> {
+        let p = self.manifests();
+        let mut ids: Vec<u32> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&p)?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
 }
 
 #[cfg(test)]
@@ -710,21 +761,22 @@ mod tests {
         assert_eq!(&m[72..74], &3u16.to_le_bytes());
         assert_eq!(&m[74..79], &[1, 0, 0, 0, 1]);
         assert_eq!(m.len(), 72 + 2 + 15 + 2 + 2 + 5 + 2 + 5 + 4);
-        assert_eq!(
-            object_key(
-                &[0xab; 16],
-                5,
-                ObjectRef {
-                    snapshot: 12,
-                    kind: ObjectKind::Delta
-                }
-            ),
-            "abababababababababababababababab/objects/000000000005/0000000012.delta"
-        );
-        assert_eq!(
-            manifest_key(&[0; 16], 7),
-            "00000000000000000000000000000000/manifests/0000000007"
-        );
+        let k = Keys::new("db-1").unwrap();
+        let r = ObjectRef {
+            snapshot: 12,
+            kind: ObjectKind::Delta,
+        };
+        assert_eq!(k.object(5, r), "db-1/objects/000000000005/0000000012.delta");
+        assert_eq!(k.manifest(7), "db-1/manifests/0000000007");
+        let listing = [
+            "db-1/manifests/0000000007".to_owned(),
+            "db-1/manifests/0000000002".to_owned(),
+            "other/manifests/0000000003".to_owned(),
+        ];
+        assert_eq!(k.snapshot_ids(&listing), vec![2, 7]);
+        for bad in ["", ".hidden", "a/b", "sp ace", &"x".repeat(129)] {
+            assert!(Keys::new(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     proptest::proptest! {

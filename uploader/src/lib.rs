@@ -8,8 +8,10 @@
 //! checksums before its bytes are used.
 
 pub mod dest;
+pub mod engine;
 pub mod format;
 pub mod restore;
 
 pub use dest::{DestError, Destination, DirDestination};
-pub use format::{Manifest, ObjectKind, ObjectRef};
+pub use engine::Uploader;
+pub use format::{Keys, Manifest, ObjectKind, ObjectRef};

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use crate::dest::{DestError, Destination};
 use crate::format::{
-    Codec, FormatError, MAX_CHUNK_BYTES, Manifest, ObjectKind, ObjectRef, decode_object,
-    encode_chunk, encode_delta, manifest_key, object_key,
+    Codec, FormatError, Keys, MAX_CHUNK_BYTES, Manifest, ObjectKind, ObjectRef, decode_object,
+    encode_chunk, encode_delta,
 };
 
 /// Why a snapshot cannot be written or restored.
@@ -38,6 +38,7 @@ pub enum SnapshotError {
 #[derive(Debug)]
 pub struct SnapshotWriter<'d> {
     dest: &'d dyn Destination,
+    keys: Keys,
     manifest: Manifest,
     codec: Codec,
     /// Objects stored by this writer (not found already there).
@@ -54,6 +55,7 @@ impl<'d> SnapshotWriter<'d> {
     /// `parent` is `None` and `base` gives the volume's geometry.
     pub fn new(
         dest: &'d dyn Destination,
+        keys: &Keys,
         base: &Manifest,
         parent: Option<&Manifest>,
         snapshot: u32,
@@ -75,6 +77,7 @@ impl<'d> SnapshotWriter<'d> {
         }
         SnapshotWriter {
             dest,
+            keys: keys.clone(),
             manifest,
             codec,
             stored: 0,
@@ -98,7 +101,7 @@ impl<'d> SnapshotWriter<'d> {
     }
 
     fn store(&mut self, chunk: u64, r: ObjectRef, bytes: &[u8]) -> Result<(), SnapshotError> {
-        let key = object_key(&self.manifest.volume_id, chunk, r);
+        let key = self.keys.object(chunk, r);
         match self.dest.put(&key, bytes) {
             Ok(()) => {
                 self.stored += 1;
@@ -171,7 +174,7 @@ impl<'d> SnapshotWriter<'d> {
 
     /// Writes the manifest: the snapshot exists from now on.
     pub fn commit(self) -> Result<Manifest, SnapshotError> {
-        let key = manifest_key(&self.manifest.volume_id, self.manifest.snapshot);
+        let key = self.keys.manifest(self.manifest.snapshot);
         match self.dest.put(&key, &self.manifest.encode()) {
             Ok(()) => Ok(self.manifest),
             Err(DestError::AlreadyExists { .. }) => {
@@ -195,24 +198,30 @@ impl<'d> SnapshotWriter<'d> {
     }
 }
 
-/// Reads and verifies the manifest of `snapshot` of volume `volume`.
+/// Reads and verifies the manifest of `snapshot`.
 pub fn read_manifest(
     dest: &dyn Destination,
-    volume: &[u8; 16],
+    keys: &Keys,
     snapshot: u32,
 ) -> Result<Manifest, SnapshotError> {
-    let key = manifest_key(volume, snapshot);
+    let key = keys.manifest(snapshot);
     let m = Manifest::decode(&dest.get(&key)?).map_err(|source| SnapshotError::Format {
         key: key.clone(),
         source,
     })?;
-    if m.snapshot != snapshot || m.volume_id != *volume {
+    if m.snapshot != snapshot {
         return Err(SnapshotError::Mismatch {
             key,
-            why: "the manifest names another snapshot or volume".into(),
+            why: "the manifest names another snapshot".into(),
         });
     }
     Ok(m)
+}
+
+/// The snapshot ids of the volume at `dest`, ascending (complete snapshots
+/// only: a snapshot exists once its manifest does).
+pub fn list_snapshots(dest: &dyn Destination, keys: &Keys) -> Result<Vec<u32>, SnapshotError> {
+    Ok(keys.snapshot_ids(&dest.list(&keys.manifests())?))
 }
 
 /// Restores `manifest`'s snapshot into the new file `out` (sparse: chunks
@@ -221,6 +230,7 @@ pub fn read_manifest(
 /// fails the restore, naming it.
 pub fn restore_image(
     dest: &dyn Destination,
+    keys: &Keys,
     manifest: &Manifest,
     out: &Path,
     mut progress: impl FnMut(u64, u64),
@@ -244,7 +254,7 @@ pub fn restore_image(
             buf.clear();
             buf.resize(len, 0);
             for &r in refs {
-                let key = object_key(&manifest.volume_id, chunk, r);
+                let key = keys.object(chunk, r);
                 let o =
                     decode_object(&dest.get(&key)?, manifest.chunk_bytes).map_err(|source| {
                         SnapshotError::Format {
@@ -278,6 +288,10 @@ mod tests {
     use super::*;
     use crate::dest::DirDestination;
 
+    fn keys() -> Keys {
+        Keys::new("vol").unwrap()
+    }
+
     const MIB: usize = 1 << 20;
 
     fn base(volume_bytes: u64) -> Manifest {
@@ -303,7 +317,7 @@ mod tests {
         let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 251) as u8).collect();
         image[MIB..2 * MIB].fill(0); // chunk 1 never written
         let b = base(vol);
-        let mut w = SnapshotWriter::new(&dest, &b, None, 1, 1000, Codec::Zstd(1));
+        let mut w = SnapshotWriter::new(&dest, &keys(), &b, None, 1, 1000, Codec::Zstd(1));
         for c in [0usize, 2, 3] {
             let end = ((c + 1) * MIB).min(vol as usize);
             w.put_chunk(c as u64, &image[c * MIB..end]).unwrap();
@@ -315,7 +329,7 @@ mod tests {
         image[3 * 4096..4 * 4096].fill(0xEE);
         image[200 * 4096..201 * 4096].fill(0xDD);
         image[MIB..2 * MIB].fill(0x42);
-        let mut w = SnapshotWriter::new(&dest, &b, Some(&m1), 2, 2000, Codec::Zstd(1));
+        let mut w = SnapshotWriter::new(&dest, &keys(), &b, Some(&m1), 2, 2000, Codec::Zstd(1));
         w.put_delta(
             0,
             &[
@@ -330,11 +344,11 @@ mod tests {
         assert_eq!(m2.chunks[0].len(), 2, "chunk object then delta");
 
         for (m, want) in [(&m1, &image1), (&m2, &image)] {
-            let again = read_manifest(&dest, &[9; 16], m.snapshot).unwrap();
+            let again = read_manifest(&dest, &keys(), m.snapshot).unwrap();
             assert_eq!(&again, m);
             let out = dir.path().join(format!("restore{}", m.snapshot));
             let mut calls = 0;
-            restore_image(&dest, m, &out, |done, total| {
+            restore_image(&dest, &keys(), m, &out, |done, total| {
                 calls += 1;
                 assert_eq!(total, 4);
                 assert_eq!(done, calls);
@@ -349,8 +363,7 @@ mod tests {
         }
 
         // A damaged object fails the restore and names the object.
-        let key = object_key(
-            &[9; 16],
+        let key = keys().object(
             0,
             ObjectRef {
                 snapshot: 2,
@@ -363,14 +376,15 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, &bytes).unwrap();
-        let e = restore_image(&dest, &m2, &dir.path().join("bad"), |_, _| {}).unwrap_err();
+        let e = restore_image(&dest, &keys(), &m2, &dir.path().join("bad"), |_, _| {}).unwrap_err();
         assert!(
             e.to_string().contains(&key) && e.to_string().contains("corrupt"),
             "{e}"
         );
         // A missing one too.
         std::fs::remove_file(&path).unwrap();
-        let e = restore_image(&dest, &m2, &dir.path().join("bad2"), |_, _| {}).unwrap_err();
+        let e =
+            restore_image(&dest, &keys(), &m2, &dir.path().join("bad2"), |_, _| {}).unwrap_err();
         assert!(
             matches!(e, SnapshotError::Dest(DestError::NotFound { .. })),
             "{e}"
@@ -386,28 +400,22 @@ mod tests {
         let dest = DirDestination::open(dir.path()).unwrap();
         let b = base(4 * MIB as u64);
         let data = vec![7u8; MIB];
-        let mut w = SnapshotWriter::new(&dest, &b, None, 1, 0, Codec::None);
+        let mut w = SnapshotWriter::new(&dest, &keys(), &b, None, 1, 0, Codec::None);
         w.put_chunk(0, &data).unwrap();
         w.put_chunk(1, &data).unwrap();
         drop(w); // crash before the manifest
-        assert!(
-            dest.list(&format!(
-                "{}/manifests/",
-                crate::format::volume_hex(&[9; 16])
-            ))
-            .unwrap()
-            .is_empty()
-        );
-        assert!(read_manifest(&dest, &[9; 16], 1).is_err());
-        let mut w = SnapshotWriter::new(&dest, &b, None, 1, 0, Codec::None);
+        assert!(list_snapshots(&dest, &keys()).unwrap().is_empty());
+        assert!(read_manifest(&dest, &keys(), 1).is_err());
+        let mut w = SnapshotWriter::new(&dest, &keys(), &b, None, 1, 0, Codec::None);
         for c in 0..4 {
             w.put_chunk(c, &data).unwrap();
         }
         assert_eq!((w.stored, w.reused), (2, 2));
         w.commit().unwrap();
-        assert!(read_manifest(&dest, &[9; 16], 1).is_ok());
+        assert!(read_manifest(&dest, &keys(), 1).is_ok());
+        assert_eq!(list_snapshots(&dest, &keys()).unwrap(), vec![1]);
         // Chunks outside the volume are refused.
-        let mut w = SnapshotWriter::new(&dest, &b, None, 2, 0, Codec::None);
+        let mut w = SnapshotWriter::new(&dest, &keys(), &b, None, 2, 0, Codec::None);
         assert!(matches!(
             w.put_chunk(4, &data),
             Err(SnapshotError::NoSuchChunk { .. })

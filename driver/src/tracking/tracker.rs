@@ -199,6 +199,9 @@ pub struct RecoveryReport {
     pub bitmap_blocks: u64,
     /// The ring was degraded and still is.
     pub still_degraded: bool,
+    /// A new ring: blocks of the volume that already held data, tracked as
+    /// changed in the first epoch so that the first snapshot is complete.
+    pub existing_blocks: u64,
 }
 
 struct ClosedEpoch {
@@ -327,7 +330,8 @@ impl Tracker {
         queues: u16,
     ) -> Result<(Tracker, RecoveryReport), TrackError> {
         let block_bytes = 1u32 << cfg.geometry.block_shift;
-        let (ring, recovered) = if cfg.ring.exists() {
+        let new_ring = !cfg.ring.exists();
+        let (ring, recovered) = if !new_ring {
             WriteRing::open(&cfg.ring, volume_bytes, block_bytes)?
         } else {
             (
@@ -388,7 +392,10 @@ impl Tracker {
             close_lock: Mutex::new(()),
             state: Mutex::new(state),
         };
-        let report = tracker.recover(&recovered)?;
+        let mut report = tracker.recover(&recovered)?;
+        if new_ring {
+            report.existing_blocks = tracker.track_existing_data()?;
+        }
         Ok((tracker, report))
     }
 
@@ -555,7 +562,78 @@ impl Tracker {
             open_blocks: open_set.len(),
             bitmap_blocks,
             still_degraded,
+            existing_blocks: 0,
         })
+    }
+
+    /// A new ring on a volume that already holds data: the data is the
+    /// first snapshot's as much as anything written later, so its blocks
+    /// are marked changed in the first epoch and recorded (runs of the
+    /// file's data extents, found with `SEEK_DATA`; the whole volume when
+    /// the backing cannot say, as a block device).
+    fn track_existing_data(&self) -> Result<u64, TrackError> {
+        let fd = self.volume.as_raw_fd();
+        let end = self.volume_bytes;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0u64;
+        while pos < end {
+            let off = i64::try_from(pos).unwrap_or(i64::MAX);
+            // SAFETY: lseek(2) on our own descriptor, no pointers.
+            let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data past pos
+                }
+                // No SEEK_DATA here (a block device): all of it is data.
+                ranges = vec![(0, end)];
+                break;
+            }
+            let data = data.unsigned_abs();
+            // SAFETY: as above.
+            let hole = unsafe {
+                libc::lseek(fd, i64::try_from(data).unwrap_or(i64::MAX), libc::SEEK_HOLE)
+            };
+            let hole = if hole < 0 {
+                end
+            } else {
+                hole.unsigned_abs().min(end)
+            };
+            if hole <= data {
+                break;
+            }
+            ranges.push((data, hole));
+            pos = hole;
+        }
+        let epoch = self.open_epoch();
+        let mut blocks = 0;
+        for (start, stop) in ranges {
+            let (first, last) = self.map.block_range(start, stop - start);
+            self.map.set_recovered(first, last, BlockState::Dirty);
+            blocks += last - first + 1;
+            let mut off = first * self.block_bytes;
+            let stop = ((last + 1) * self.block_bytes).min(end.next_multiple_of(512));
+            while off < stop {
+                let len = (stop - off).min(MAX_RECORD_LEN);
+                let kind = RecordKind::Write {
+                    offset: off,
+                    len: u32::try_from(len).unwrap_or(u32::MAX),
+                    fua: false,
+                    zeroing: false,
+                };
+                if self.ring.append(epoch, kind).is_err() {
+                    self.overflow(epoch, off, len);
+                }
+                off += len;
+            }
+        }
+        self.ring.sync().map_err(TrackError::Sync)?;
+        Ok(blocks)
+    }
+
+    /// The volume id recorded in the ring (random at its creation).
+    pub fn volume_id(&self) -> [u8; 16] {
+        self.ring.header().volume_id
     }
 
     /// The in-memory map: the uploader's view of the open epoch
@@ -1088,6 +1166,33 @@ mod tests {
         assert_eq!(closed_value(&t, 2, 1).unwrap().0, 200);
         assert_eq!(closed_value(&t, 3, 2).unwrap().0, 301);
         assert_eq!(t.open_epoch(), 4);
+    }
+
+    #[test]
+    fn a_new_ring_tracks_the_data_already_on_the_volume() {
+        let bed = Bed::new(1 << 20);
+        // Data at blocks 3..5 and 40 before tracking starts; the rest holes.
+        bed.volume.write_all_at(&[1u8; 8192], 3 * BS).unwrap();
+        bed.volume.write_all_at(&[2u8; 100], 40 * BS + 10).unwrap();
+        let (t, report) = bed.open();
+        // File systems report data extents in their own units (tmpfs:
+        // pages; ext4: blocks): at least the written blocks, never all.
+        assert!((3..=8).contains(&report.existing_blocks), "{report:?}");
+        for b in [3, 4, 40] {
+            assert_eq!(t.map().state(b), BlockState::Dirty, "block {b}");
+        }
+        assert_eq!(t.map().state(20), BlockState::Clean);
+        drop(t);
+        // Recorded: a restart still has them, and does not count them again.
+        let (t, report) = bed.open();
+        assert_eq!(report.existing_blocks, 0);
+        assert_eq!(t.map().state(40), BlockState::Dirty);
+        let c = t.close().unwrap();
+        assert!(c.blocks >= 3);
+        assert_eq!(
+            closed_value(&t, 1, 3).unwrap().0,
+            u64::from_le_bytes([1; 8])
+        );
     }
 
     #[test]
