@@ -159,6 +159,10 @@ pub struct ServeArgs {
     /// name].
     #[arg(long, value_name = "NAME")]
     pub volume: Option<String>,
+    /// Longest chain of delta objects over a chunk object; a longer one is
+    /// folded into a fresh chunk object (compaction) at upload.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_deltas: u16,
     /// Object size: a power of two from 1M to 64M.
     #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_chunk_size)]
     pub chunk_size: u32,

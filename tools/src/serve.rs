@@ -26,6 +26,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let upload_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let uploader_stop = upload_stop.clone();
     let chunk_bytes = args.chunk_size;
+    let max_deltas = args.max_deltas;
 
     let shutdown = Shutdown::new();
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
@@ -89,6 +90,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     dest,
                     keys,
                     chunk_bytes,
+                    max_deltas,
                     uploader_stop,
                 ) {
                     eprintln!("foresnap: {e:#}");

@@ -48,11 +48,13 @@ pub fn start_uploader(
     dest: Arc<dyn Destination>,
     keys: Keys,
     chunk_bytes: u32,
+    max_deltas: u16,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let url = dest.url();
     let up = Uploader::new(tracker, dest, keys, chunk_bytes, Codec::Zstd(1))
-        .with_context(|| format!("destination {url}"))?;
+        .with_context(|| format!("destination {url}"))?
+        .with_max_deltas(usize::from(max_deltas));
     std::thread::Builder::new()
         .name("uploader".into())
         .spawn(move || up.run(&stop))

@@ -59,6 +59,8 @@ pub struct UploadReport {
     pub objects_stored: u64,
     pub objects_reused: u64,
     pub bytes_sent: u64,
+    /// Chunks whose delta chain was folded into a fresh chunk object.
+    pub compacted: u64,
     pub elapsed: Duration,
 }
 
@@ -83,6 +85,7 @@ pub struct Uploader {
     codec: Codec,
     last: Option<Manifest>,
     stats: Arc<UploadStats>,
+    max_deltas: usize,
 }
 
 /// The newest snapshot at `dest` below `before`, if any.
@@ -140,7 +143,14 @@ impl Uploader {
             codec,
             last,
             stats,
+            max_deltas: crate::restore::DEFAULT_MAX_DELTAS,
         })
+    }
+
+    /// Bounds each chunk's delta chain (see [`SnapshotWriter::with_max_deltas`]).
+    pub fn with_max_deltas(mut self, n: usize) -> Self {
+        self.max_deltas = n.max(1);
+        self
     }
 
     /// The counters, shared.
@@ -187,7 +197,8 @@ impl Uploader {
             epoch,
             info.closed_ms,
             self.codec,
-        );
+        )
+        .with_max_deltas(self.max_deltas);
         let mut buf = vec![0u8; bs];
         for (&chunk, blocks) in &by_chunk {
             let mut data: Vec<(u32, Vec<u8>)> = Vec::with_capacity(blocks.len());
@@ -212,7 +223,7 @@ impl Uploader {
                 w.put_delta(chunk, &refs)?;
             }
         }
-        let (stored, reused, sent) = (w.stored, w.reused, w.bytes);
+        let (stored, reused, sent, compacted) = (w.stored, w.reused, w.bytes, w.compacted);
         let manifest = w.commit()?;
         for b in changed.blocks() {
             self.tracker.ack_closed(epoch, b);
@@ -228,6 +239,7 @@ impl Uploader {
             objects_stored: stored,
             objects_reused: reused,
             bytes_sent: sent,
+            compacted,
             elapsed: start.elapsed(),
         }))
     }
@@ -241,12 +253,13 @@ impl Uploader {
                 Ok(Some(r)) => {
                     backoff = Duration::from_millis(500);
                     log::info!(
-                        "snapshot {} uploaded to {}: {} blocks, {} objects stored ({} found already there), {} bytes, {:.1} s",
+                        "snapshot {} uploaded to {}: {} blocks, {} objects stored ({} found already there, {} chains compacted), {} bytes, {:.1} s",
                         r.snapshot,
                         self.dest.url(),
                         r.blocks,
                         r.objects_stored,
                         r.objects_reused,
+                        r.compacted,
                         r.bytes_sent,
                         r.elapsed.as_secs_f64()
                     );

@@ -47,7 +47,14 @@ pub struct SnapshotWriter<'d> {
     pub reused: u64,
     /// Bytes sent to the destination.
     pub bytes: u64,
+    /// Delta chains folded into a fresh chunk object.
+    pub compacted: u64,
+    max_deltas: usize,
 }
+
+/// Default bound on a chunk's delta chain: a restore reads at most this
+/// many deltas over one chunk object.
+pub const DEFAULT_MAX_DELTAS: usize = 8;
 
 impl<'d> SnapshotWriter<'d> {
     /// A snapshot `snapshot` of the volume described by `parent` (its
@@ -83,7 +90,17 @@ impl<'d> SnapshotWriter<'d> {
             stored: 0,
             reused: 0,
             bytes: 0,
+            compacted: 0,
+            max_deltas: DEFAULT_MAX_DELTAS,
         }
+    }
+
+    /// Bounds delta chains to `n` deltas (at least 1): a delta that would
+    /// make a chunk's chain longer folds the chain into a fresh chunk
+    /// object instead (compaction), built from the stored objects.
+    pub fn with_max_deltas(mut self, n: usize) -> Self {
+        self.max_deltas = n.max(1);
+        self
     }
 
     fn chunk_index(&self, chunk: u64) -> Result<usize, SnapshotError> {
@@ -157,6 +174,13 @@ impl<'d> SnapshotWriter<'d> {
             snapshot: self.manifest.snapshot,
             kind: ObjectKind::Delta,
         };
+        let deltas = self.manifest.chunks[c]
+            .iter()
+            .filter(|x| x.kind == ObjectKind::Delta && **x != r)
+            .count();
+        if deltas >= self.max_deltas {
+            return self.compact(chunk, blocks);
+        }
         let bytes = encode_delta(
             chunk,
             self.manifest.block_bytes,
@@ -169,6 +193,37 @@ impl<'d> SnapshotWriter<'d> {
         if !refs.contains(&r) {
             refs.push(r);
         }
+        Ok(())
+    }
+
+    /// Folds chunk `chunk`'s objects and `blocks` into one chunk object.
+    fn compact(&mut self, chunk: u64, blocks: &[(u32, &[u8])]) -> Result<(), SnapshotError> {
+        let c = self.chunk_index(chunk)?;
+        let own = self.manifest.snapshot;
+        let refs: Vec<ObjectRef> = self.manifest.chunks[c]
+            .iter()
+            .copied()
+            .filter(|r| r.snapshot != own)
+            .collect();
+        let mut buf = Vec::new();
+        load_chunk(
+            self.dest,
+            &self.keys,
+            &self.manifest,
+            chunk,
+            &refs,
+            &mut buf,
+        )?;
+        let bs = self.manifest.block_bytes as usize;
+        for &(b, data) in blocks {
+            let off = b as usize * bs;
+            let end = (off + bs).min(buf.len());
+            if off < end {
+                buf[off..end].copy_from_slice(&data[..end - off]);
+            }
+        }
+        self.put_chunk(chunk, &buf)?;
+        self.compacted += 1;
         Ok(())
     }
 
@@ -224,6 +279,41 @@ pub fn list_snapshots(dest: &dyn Destination, keys: &Keys) -> Result<Vec<u32>, S
     Ok(keys.snapshot_ids(&dest.list(&keys.manifests())?))
 }
 
+/// Builds chunk `chunk` of a volume shaped like `manifest` from its
+/// objects `refs` (oldest first) into `buf`, verifying each.
+fn load_chunk(
+    dest: &dyn Destination,
+    keys: &Keys,
+    manifest: &Manifest,
+    chunk: u64,
+    refs: &[ObjectRef],
+    buf: &mut Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let len = usize::try_from(manifest.chunk_len(chunk)).unwrap_or(0);
+    buf.clear();
+    buf.resize(len, 0);
+    for &r in refs {
+        let key = keys.object(chunk, r);
+        let o = decode_object(&dest.get(&key)?, manifest.chunk_bytes).map_err(|source| {
+            SnapshotError::Format {
+                key: key.clone(),
+                source,
+            }
+        })?;
+        if o.chunk != chunk || o.kind != r.kind || o.block_bytes != manifest.block_bytes {
+            return Err(SnapshotError::Mismatch {
+                key,
+                why: "the object is not the one the manifest names".into(),
+            });
+        }
+        o.apply(buf).map_err(|source| SnapshotError::Format {
+            key: key.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// Restores `manifest`'s snapshot into the new file `out` (sparse: chunks
 /// never written stay holes). `progress(done, total)` is called after each
 /// chunk. Every object is verified before use; a damaged or missing object
@@ -250,29 +340,7 @@ pub fn restore_image(
     for (c, refs) in manifest.chunks.iter().enumerate() {
         let chunk = c as u64;
         if !refs.is_empty() {
-            let len = usize::try_from(manifest.chunk_len(chunk)).unwrap_or(0);
-            buf.clear();
-            buf.resize(len, 0);
-            for &r in refs {
-                let key = keys.object(chunk, r);
-                let o =
-                    decode_object(&dest.get(&key)?, manifest.chunk_bytes).map_err(|source| {
-                        SnapshotError::Format {
-                            key: key.clone(),
-                            source,
-                        }
-                    })?;
-                if o.chunk != chunk || o.kind != r.kind || o.block_bytes != manifest.block_bytes {
-                    return Err(SnapshotError::Mismatch {
-                        key,
-                        why: "the object is not the one the manifest names".into(),
-                    });
-                }
-                o.apply(&mut buf).map_err(|source| SnapshotError::Format {
-                    key: key.clone(),
-                    source,
-                })?;
-            }
+            load_chunk(dest, keys, manifest, chunk, refs, &mut buf)?;
             file.write_all_at(&buf, chunk * u64::from(manifest.chunk_bytes))
                 .map_err(target)?;
         }
@@ -388,6 +456,50 @@ mod tests {
         assert!(
             matches!(e, SnapshotError::Dest(DestError::NotFound { .. })),
             "{e}"
+        );
+    }
+
+    /// Delta chains longer than the bound fold into a chunk object, built
+    /// from the stored objects plus the new blocks; restores stay exact.
+    #[test]
+    fn long_delta_chains_are_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = DirDestination::open(dir.path()).unwrap();
+        let b = base(2 * MIB as u64);
+        let mut image: Vec<u8> = (0..2 * MIB).map(|i| (i % 253) as u8).collect();
+        let mut w = SnapshotWriter::new(&dest, &keys(), &b, None, 1, 0, Codec::Zstd(1));
+        w.put_chunk(0, &image[..MIB]).unwrap();
+        w.put_chunk(1, &image[MIB..]).unwrap();
+        let mut parent = w.commit().unwrap();
+        for snap in 2..=8u32 {
+            let blk = snap as usize * 3;
+            image[blk * 4096..(blk + 1) * 4096].fill(snap as u8);
+            let mut w =
+                SnapshotWriter::new(&dest, &keys(), &b, Some(&parent), snap, 0, Codec::Zstd(1))
+                    .with_max_deltas(3);
+            w.put_delta(0, &[(blk as u32, &image[blk * 4096..(blk + 1) * 4096])])
+                .unwrap();
+            let compacted = w.compacted;
+            parent = w.commit().unwrap();
+            // Chains: 1 chunk + up to 3 deltas, then a fresh chunk object.
+            assert!(
+                parent.chunks[0].len() <= 4,
+                "snapshot {snap}: {:?}",
+                parent.chunks[0]
+            );
+            assert_eq!(
+                compacted == 1,
+                parent.chunks[0].len() == 1,
+                "snapshot {snap}"
+            );
+            let out = dir.path().join(format!("r{snap}"));
+            restore_image(&dest, &keys(), &parent, &out, |_, _| {}).unwrap();
+            assert!(std::fs::read(&out).unwrap() == image, "snapshot {snap}");
+        }
+        assert_eq!(
+            parent.chunks[1].len(),
+            1,
+            "untouched chunk keeps its object"
         );
     }
 
