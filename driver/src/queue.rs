@@ -224,12 +224,6 @@ fn sqe_for(op: BackingOp, buf: *mut u8) -> squeue::Entry {
     }
 }
 
-/// Tag of the waker's eventfd read: one past the last request tag (the
-/// device reserves the slot with `extra_ios`).
-fn waker_tag(depth: u16) -> u16 {
-    depth
-}
-
 /// Whether `op` changes the device's content: tracked as a write.
 fn is_tracked_write(op: Op) -> Option<(bool, bool)> {
     match op {
@@ -261,6 +255,8 @@ struct QueueState<'b> {
 impl QueueState<'_> {
     fn handle(&mut self, q: &UblkQueue<'_>, tag: u16, io: &UblkIOCtx) {
         let t = usize::from(tag);
+        // The waker's eventfd read carries the tag one past the last
+        // request tag (the slot the device reserves with `extra_ios`).
         if io.is_tgt_io() && t == self.tags.len() {
             self.woken(q, io.result());
             return;
@@ -341,7 +337,8 @@ impl QueueState<'_> {
             return;
         };
         use std::os::fd::AsRawFd;
-        let tag = waker_tag(u16::try_from(self.tags.len()).unwrap_or(u16::MAX));
+        // One past the last request tag (see `handle`).
+        let tag = u16::try_from(self.tags.len()).unwrap_or(u16::MAX);
         let ptr: *mut u64 = &raw mut *self.waker_buf;
         let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr.cast(), 8)
             .build()

@@ -12,9 +12,8 @@
 //! ring records. An upload interrupted by a crash is redone after the
 //! restart; the objects already stored are found and kept, not sent again.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use foresnap_driver::tracking::Tracker;
@@ -64,16 +63,6 @@ pub struct UploadReport {
     pub elapsed: Duration,
 }
 
-/// Counters the status report reads.
-#[derive(Debug, Default)]
-pub struct UploadStats {
-    /// The newest snapshot whose manifest is durable (0: none).
-    pub last_snapshot: AtomicU32,
-    pub snapshots: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub errors: AtomicU64,
-}
-
 /// See the module doc.
 #[derive(Debug)]
 pub struct Uploader {
@@ -84,7 +73,6 @@ pub struct Uploader {
     chunk_bytes: u32,
     codec: Codec,
     last: Option<Manifest>,
-    stats: Arc<UploadStats>,
     max_deltas: usize,
 }
 
@@ -130,10 +118,6 @@ impl Uploader {
             });
         }
         let last = latest_manifest(dest.as_ref(), &keys, before)?;
-        let stats = Arc::new(UploadStats::default());
-        if let Some(m) = &last {
-            stats.last_snapshot.store(m.snapshot, Ordering::Relaxed);
-        }
         Ok(Uploader {
             tracker,
             dest,
@@ -142,7 +126,6 @@ impl Uploader {
             chunk_bytes,
             codec,
             last,
-            stats,
             max_deltas: crate::restore::DEFAULT_MAX_DELTAS,
         })
     }
@@ -151,11 +134,6 @@ impl Uploader {
     pub fn with_max_deltas(mut self, n: usize) -> Self {
         self.max_deltas = n.max(1);
         self
-    }
-
-    /// The counters, shared.
-    pub fn stats(&self) -> Arc<UploadStats> {
-        self.stats.clone()
     }
 
     fn base(&self) -> Manifest {
@@ -184,10 +162,6 @@ impl Uploader {
         let base = self.base();
         let bs = base.block_bytes as usize;
         let per_chunk = u64::from(base.chunk_bytes / base.block_bytes);
-        let mut by_chunk: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-        for b in changed.blocks() {
-            by_chunk.entry(b / per_chunk).or_default().push(b);
-        }
         let dest = self.dest.clone();
         let mut w = SnapshotWriter::new(
             dest.as_ref(),
@@ -199,27 +173,34 @@ impl Uploader {
             self.codec,
         )
         .with_max_deltas(self.max_deltas);
-        let mut buf = vec![0u8; bs];
-        for (&chunk, blocks) in &by_chunk {
-            let mut data: Vec<(u32, Vec<u8>)> = Vec::with_capacity(blocks.len());
-            for &b in blocks {
+        // One chunk at a time: its changed blocks are read straight into
+        // their places in `chunk_buf`, which is then stored whole or as a
+        // delta of slices into it (no copy per block).
+        let mut chunk_buf = vec![0u8; base.chunk_bytes as usize];
+        let mut present: Vec<u32> = Vec::new();
+        let mut blocks = changed.blocks().peekable();
+        while let Some(&first) = blocks.peek() {
+            let chunk = first / per_chunk;
+            present.clear();
+            while let Some(b) = blocks.next_if(|b| b / per_chunk == chunk) {
+                let i = u32::try_from(b - chunk * per_chunk).unwrap_or(u32::MAX);
+                let at = i as usize * bs;
                 // Every changed block of a closed epoch is pending until
                 // this upload acknowledges it (after the manifest); a block
                 // that is not is a bug, and the snapshot must not be built
                 // without it.
-                self.tracker.read_closed(epoch, b, &mut buf)?;
-                let i = u32::try_from(b - chunk * per_chunk).unwrap_or(u32::MAX);
-                data.push((i, buf.clone()));
+                self.tracker
+                    .read_closed(epoch, b, &mut chunk_buf[at..at + bs])?;
+                present.push(i);
             }
-            let whole = data.len() as u64 == base.chunk_len(chunk).div_ceil(bs as u64);
-            if whole {
-                let len = usize::try_from(base.chunk_len(chunk)).unwrap_or(0);
-                let mut bytes: Vec<u8> = data.into_iter().flat_map(|(_, d)| d).collect();
-                bytes.truncate(len);
-                w.put_chunk(chunk, &bytes)?;
-            } else if !data.is_empty() {
-                let refs: Vec<(u32, &[u8])> =
-                    data.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+            let len = usize::try_from(base.chunk_len(chunk)).unwrap_or(0);
+            if present.len() as u64 == (len as u64).div_ceil(bs as u64) {
+                w.put_chunk(chunk, &chunk_buf[..len])?;
+            } else {
+                let refs: Vec<(u32, &[u8])> = present
+                    .iter()
+                    .map(|&i| (i, &chunk_buf[i as usize * bs..(i as usize + 1) * bs]))
+                    .collect();
                 w.put_delta(chunk, &refs)?;
             }
         }
@@ -229,9 +210,6 @@ impl Uploader {
             self.tracker.ack_closed(epoch, b);
         }
         self.tracker.finish_epoch(epoch)?;
-        self.stats.last_snapshot.store(epoch, Ordering::Relaxed);
-        self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
         self.last = Some(manifest);
         Ok(Some(UploadReport {
             snapshot: epoch,
@@ -266,7 +244,6 @@ impl Uploader {
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(100)),
                 Err(e) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     log::warn!(
                         "upload to {} failed: {e}; retrying in {:.1} s",
                         self.dest.url(),

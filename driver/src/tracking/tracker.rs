@@ -258,7 +258,6 @@ pub struct Tracker {
     map: DirtyMap,
     ring: WriteRing,
     volume: File,
-    volume_path: PathBuf,
     volume_bytes: u64,
     preserve_path: PathBuf,
     block_bytes: u64,
@@ -379,7 +378,6 @@ impl Tracker {
             map,
             ring,
             volume: volume_file,
-            volume_path: volume.to_owned(),
             volume_bytes,
             preserve_path,
             block_bytes: u64::from(block_bytes),
@@ -1005,11 +1003,6 @@ impl Tracker {
             cow_blocks: self.cow_blocks.load(Ordering::Relaxed),
             deferred_writes: self.deferred.load(Ordering::Relaxed),
         }
-    }
-
-    /// The volume this tracker follows.
-    pub fn volume_path(&self) -> &Path {
-        &self.volume_path
     }
 
     /// The volume's size in bytes.
