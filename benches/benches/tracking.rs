@@ -4,7 +4,6 @@
 //! 2-core machines here). The ring lives in a temporary file; appends touch
 //! only its page-cache pages, as on the device.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
@@ -41,51 +40,68 @@ fn track_all(map: &DirtyMap, ring: Option<&WriteRing>, blocks: &[u64]) {
     }
 }
 
+/// Benchmarks `work(thread, blocks)` run on 1 and 2 threads at once, each
+/// on its own stream of random blocks; `between` runs untimed after each
+/// round (housekeeping an uploader would do).
+fn bench_threads(
+    c: &mut Criterion,
+    name: &str,
+    work: impl Fn(u16, &[u64]) + Sync,
+    between: impl Fn(),
+) {
+    let mut g = c.benchmark_group(name);
+    for threads in [1u16, 2] {
+        let streams: Vec<Vec<u64>> = (0..threads)
+            .map(|t| random_blocks(0xF0E5 + u64::from(t), WRITES, VOLUME >> 12))
+            .collect();
+        g.throughput(Throughput::Elements((WRITES * streams.len()) as u64));
+        g.bench_with_input(
+            BenchmarkId::from_parameter(threads),
+            &streams,
+            |b, streams| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        std::thread::scope(|s| {
+                            for (t, stream) in (0u16..).zip(streams) {
+                                let work = &work;
+                                s.spawn(move || work(t, stream));
+                            }
+                        });
+                        total += start.elapsed();
+                        between();
+                    }
+                    total
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
 fn bench_tracking(c: &mut Criterion) {
-    let map = Arc::new(DirtyMap::new(VOLUME, Geometry::default()));
+    let map = DirtyMap::new(VOLUME, Geometry::default());
     let dir = tempfile::tempdir().expect("temp dir");
     let ring =
         WriteRing::create(&dir.path().join("ring"), 64 << 20, VOLUME, 4096).expect("create ring");
-    for (name, with_ring) in [
-        ("dirty_map_mark_4k_write", false),
-        ("mark_and_ring_append_4k_write", true),
-    ] {
-        let mut g = c.benchmark_group(name);
-        for threads in [1usize, 2] {
-            let streams: Vec<Arc<Vec<u64>>> = (0..threads)
-                .map(|t| Arc::new(random_blocks(0xF0E5 + t as u64, WRITES, VOLUME >> 12)))
-                .collect();
-            g.throughput(Throughput::Elements((WRITES * threads) as u64));
-            g.bench_with_input(
-                BenchmarkId::from_parameter(threads),
-                &threads,
-                |b, &threads| {
-                    b.iter_custom(|iters| {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            let start = Instant::now();
-                            std::thread::scope(|s| {
-                                for stream in streams.iter().take(threads) {
-                                    let (map, ring, stream) = (&map, &ring, stream.clone());
-                                    s.spawn(move || {
-                                        track_all(map, with_ring.then_some(ring), &stream)
-                                    });
-                                }
-                            });
-                            total += start.elapsed();
-                        }
-                        total
-                    })
-                },
-            );
-        }
-        g.finish();
-    }
+    bench_threads(
+        c,
+        "dirty_map_mark_4k_write",
+        |_, blocks| track_all(&map, None, blocks),
+        || {},
+    );
+    bench_threads(
+        c,
+        "mark_and_ring_append_4k_write",
+        |_, blocks| track_all(&map, Some(&ring), blocks),
+        || {},
+    );
 }
 
 /// The whole call the queue thread makes per write: `Tracker::begin_write`
 /// (in-flight count, epoch check, marks, ring record) and `end_write`.
-/// Between timed batches the epoch is closed and finished (as an uploader
+/// Between timed rounds the epoch is closed and finished (as an uploader
 /// would), so that the ring never fills.
 fn bench_tracker(c: &mut Criterion) {
     use foresnap_driver::tracking::tracker::{Begin, Tracker, TrackerConfig};
@@ -100,47 +116,23 @@ fn bench_tracker(c: &mut Criterion) {
         geometry: Geometry::default(),
     };
     let (tracker, _) = Tracker::open(&cfg, &volume, VOLUME, 2).expect("tracker");
-    let mut g = c.benchmark_group("tracker_begin_end_4k_write");
-    for threads in [1u16, 2] {
-        let streams: Vec<Arc<Vec<u64>>> = (0..threads)
-            .map(|t| Arc::new(random_blocks(0xF0E5 + u64::from(t), WRITES, VOLUME >> 12)))
-            .collect();
-        g.throughput(Throughput::Elements((WRITES * usize::from(threads)) as u64));
-        g.bench_with_input(
-            BenchmarkId::from_parameter(threads),
-            &threads,
-            |b, &threads| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        std::thread::scope(|s| {
-                            for (q, stream) in streams.iter().take(usize::from(threads)).enumerate()
-                            {
-                                let (tracker, stream) = (&tracker, stream.clone());
-                                let q = u16::try_from(q).expect("two queues");
-                                s.spawn(move || {
-                                    let mut cow = Vec::with_capacity(128);
-                                    for &b in stream.iter() {
-                                        let off = b << 12;
-                                        let r = tracker
-                                            .begin_write(q, off, 4096, false, false, &mut cow);
-                                        assert_eq!(r, Begin::Go);
-                                        tracker.end_write(q, off, 4096);
-                                    }
-                                });
-                            }
-                        });
-                        total += start.elapsed();
-                        let closed = tracker.close().expect("close");
-                        tracker.finish_epoch(closed.epoch).expect("finish");
-                    }
-                    total
-                })
-            },
-        );
-    }
-    g.finish();
+    bench_threads(
+        c,
+        "tracker_begin_end_4k_write",
+        |q, blocks| {
+            let mut cow = Vec::with_capacity(128);
+            for &b in blocks {
+                let off = b << 12;
+                let r = tracker.begin_write(q, off, 4096, false, false, &mut cow);
+                assert_eq!(r, Begin::Go);
+                tracker.end_write(q, off, 4096);
+            }
+        },
+        || {
+            let closed = tracker.close().expect("close");
+            tracker.finish_epoch(closed.epoch).expect("finish");
+        },
+    );
 }
 
 criterion_group!(benches, bench_tracking, bench_tracker);

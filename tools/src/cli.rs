@@ -226,14 +226,20 @@ mod tests {
         Cli::try_parse_from(std::iter::once("foresnap").chain(args.iter().copied()))
     }
 
+    /// `foresnap serve ARGS`, parsed.
+    fn serve(args: &[&str]) -> ServeArgs {
+        let all: Vec<&str> = std::iter::once("serve")
+            .chain(args.iter().copied())
+            .collect();
+        match parse(&all).unwrap().command {
+            Command::Serve(a) => a,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
     #[test]
     fn serve_defaults() {
-        let Command::Serve(a) = parse(&["serve", "--backing", "/tmp/d.img"])
-            .unwrap()
-            .command
-        else {
-            panic!("not serve")
-        };
+        let a = serve(&["--backing", "/tmp/d.img"]);
         let cfg = a.device_config();
         assert_eq!(cfg.depth, 128);
         assert_eq!(cfg.block_size, BlockSize::B4096);
@@ -244,8 +250,7 @@ mod tests {
 
     #[test]
     fn serve_all_options() {
-        let Command::Serve(a) = parse(&[
-            "serve",
+        let a = serve(&[
             "--backing",
             "/d",
             "--size",
@@ -262,12 +267,7 @@ mod tests {
             "/r/ring",
             "--ring-size",
             "1M",
-        ])
-        .unwrap()
-        .command
-        else {
-            panic!("not serve")
-        };
+        ]);
         let cfg = a.device_config();
         assert_eq!(cfg.size, Some(2 << 30));
         assert_eq!((cfg.queues, cfg.depth, cfg.id), (3, 64, Some(7)));
@@ -279,24 +279,14 @@ mod tests {
 
     #[test]
     fn tracking_defaults_and_off_switch() {
-        let Command::Serve(a) = parse(&["serve", "--backing", "/tmp/d.img"])
-            .unwrap()
-            .command
-        else {
-            panic!("not serve")
-        };
+        let a = serve(&["--backing", "/tmp/d.img"]);
         let cfg = a.device_config();
         assert_eq!(
             cfg.ring_path().unwrap().as_deref(),
             Some(std::path::Path::new("/tmp/d.img.fsring"))
         );
         assert_eq!(cfg.tracking.unwrap().ring_bytes, 64 << 20);
-        let Command::Serve(a) = parse(&["serve", "--backing", "/d", "--no-tracking"])
-            .unwrap()
-            .command
-        else {
-            panic!("not serve")
-        };
+        let a = serve(&["--backing", "/d", "--no-tracking"]);
         assert_eq!(a.device_config().tracking, None);
         let e = parse(&["serve", "--backing", "/d", "--no-tracking", "--ring", "/r"]).unwrap_err();
         assert!(e.to_string().contains("cannot be used with"), "{e}");
@@ -304,12 +294,7 @@ mod tests {
             panic!("not snapshot")
         };
         assert_eq!(c.control.as_deref(), Some(std::path::Path::new("/s")));
-        let Command::Serve(a) = parse(&["serve", "--backing", "/d", "--track-block", "64K"])
-            .unwrap()
-            .command
-        else {
-            panic!("not serve")
-        };
+        let a = serve(&["--backing", "/d", "--track-block", "64K"]);
         assert_eq!(a.device_config().tracking.unwrap().block_bytes, 64 << 10);
         for bad in ["3K", "256", "2M", "x"] {
             let e = parse(&["serve", "--backing", "/d", "--track-block", bad]).unwrap_err();

@@ -1030,15 +1030,7 @@ mod tests {
     impl Bed {
         fn new(ring_bytes: u64) -> Bed {
             let dir = tempfile::tempdir().unwrap();
-            let vp = dir.path().join("volume");
-            let volume = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&vp)
-                .unwrap();
-            volume.set_len(BLOCKS * BS).unwrap();
+            let volume = volume_file(&dir.path().join("volume"), BLOCKS * BS);
             let cfg = TrackerConfig {
                 ring: dir.path().join("ring"),
                 ring_bytes,
@@ -1073,6 +1065,19 @@ mod tests {
             self.volume.read_exact_at(&mut buf, b * BS).unwrap();
             u64::from_le_bytes(buf[..8].try_into().unwrap())
         }
+    }
+
+    /// A new sparse volume file of `len` bytes, open read-write.
+    fn volume_file(path: &Path, len: u64) -> File {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap();
+        f.set_len(len).unwrap();
+        f
     }
 
     fn stamp(v: u64) -> Vec<u8> {
@@ -1193,14 +1198,7 @@ mod tests {
         // 64 KiB tracking blocks on a 100 KiB volume: block 1 is 36 KiB.
         let dir = tempfile::tempdir().unwrap();
         let vp = dir.path().join("volume");
-        let volume = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&vp)
-            .unwrap();
-        volume.set_len(100 << 10).unwrap();
+        let volume = volume_file(&vp, 100 << 10);
         let cfg = TrackerConfig {
             ring: dir.path().join("ring"),
             ring_bytes: 1 << 20,
