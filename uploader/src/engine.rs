@@ -381,3 +381,124 @@ mod tests {
         assert!(e.to_string().contains("another id"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod stuck_destination {
+    //! Invariant 6 of DESIGN.md: the I/O path never waits on the network.
+    use super::*;
+    use crate::dest::DirDestination;
+    use foresnap_driver::tracking::Geometry;
+    use foresnap_driver::tracking::tracker::{Begin, TrackerConfig};
+    use std::sync::mpsc;
+
+    /// A destination whose puts hang until released: a network that
+    /// stopped answering.
+    #[derive(Debug)]
+    struct Stuck {
+        inner: DirDestination,
+        gate: std::sync::Mutex<bool>,
+        open: std::sync::Condvar,
+        entered: std::sync::atomic::AtomicBool,
+    }
+
+    impl Destination for Stuck {
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+            self.entered.store(true, Ordering::SeqCst);
+            let mut open = self.gate.lock().unwrap();
+            while !*open {
+                open = self.open.wait(open).unwrap();
+            }
+            self.inner.put(key, bytes)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+            self.inner.get(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), DestError> {
+            self.inner.delete(key)
+        }
+        fn url(&self) -> String {
+            self.inner.url()
+        }
+    }
+
+    /// While an upload hangs in the destination, writes (including the
+    /// copy-on-write of blocks the stuck snapshot still needs) and further
+    /// closes complete; once the destination answers, every snapshot lands.
+    #[test]
+    fn writes_and_closes_go_on_while_the_destination_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let vp = dir.path().join("vol");
+        std::fs::File::create(&vp)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let cfg = TrackerConfig {
+            ring: dir.path().join("ring"),
+            ring_bytes: 1 << 20,
+            geometry: Geometry::default(),
+        };
+        let (t, _) = Tracker::open(&cfg, &vp, 8 << 20, 1).unwrap();
+        let t = Arc::new(t);
+        let stuck = Arc::new(Stuck {
+            inner: DirDestination::open(&dir.path().join("dest")).unwrap(),
+            gate: std::sync::Mutex::new(false),
+            open: std::sync::Condvar::new(),
+            entered: std::sync::atomic::AtomicBool::new(false),
+        });
+        let write = |t: &Tracker, block: u64| {
+            let mut cow = Vec::new();
+            assert_eq!(
+                t.begin_write(0, block * 4096, 4096, false, false, &mut cow),
+                Begin::Go
+            );
+            t.end_write(0, block * 4096, 4096);
+        };
+        for b in 0..64 {
+            write(&t, b);
+        }
+        t.close().unwrap();
+        let keys = Keys::new("v").unwrap();
+        let up =
+            Uploader::new(t.clone(), stuck.clone(), keys.clone(), 1 << 20, Codec::None).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let runner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || up.run(&stop))
+        };
+        while !stuck.entered.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The uploader is inside a put that does not return. The I/O path
+        // and the control path must not notice.
+        let (tx, rx) = mpsc::channel();
+        let io = {
+            let t = t.clone();
+            std::thread::spawn(move || {
+                for b in 0..128 {
+                    write(&t, b); // blocks 0..64 need copy-on-write
+                }
+                let c = t.close().unwrap();
+                tx.send(c.epoch).unwrap();
+            })
+        };
+        let closed = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("writes or a close waited for the hung destination");
+        io.join().unwrap();
+        assert_eq!(closed, 2);
+        assert_eq!(t.status().cow_blocks, 64);
+        // The destination answers again: both snapshots land.
+        *stuck.gate.lock().unwrap() = true;
+        stuck.open.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while crate::restore::list_snapshots(stuck.as_ref(), &keys).unwrap() != vec![1, 2] {
+            assert!(Instant::now() < deadline, "snapshots did not land");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        runner.join().unwrap();
+    }
+}
