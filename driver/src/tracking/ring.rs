@@ -28,6 +28,28 @@ use super::ring_format::{
 };
 use crate::sync::{AtomicU64, Ordering};
 
+/// Takes the ring's exclusive lock for the life of `file` (the ring's own
+/// descriptor, kept by the ring): two processes tracking one volume would
+/// each miss the other's writes and free each other's records. The lock
+/// goes with the process, so a daemon killed with -9 leaves none behind.
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), RingError> {
+    // SAFETY: flock(2) on a descriptor we own; no pointers.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(RingError::Busy {
+            path: path.to_owned(),
+        })
+    } else {
+        Err(RingError::Io {
+            path: path.to_owned(),
+            source: e,
+        })
+    }
+}
+
 /// Why a ring cannot be created or opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -47,6 +69,11 @@ pub enum RingError {
         ours: u64,
         our_block: u32,
     },
+    #[error(
+        "write ring {path} is in use by another foresnap process (a serving daemon or a \
+         backup); one process at a time tracks a volume"
+    )]
+    Busy { path: PathBuf },
     #[error("write ring size {0} is too small: give at least 64 KiB")]
     TooSmall(u64),
 }
@@ -103,6 +130,7 @@ impl WriteRing {
             .create_new(true)
             .open(path)
             .map_err(io_err)?;
+        lock_exclusive(&file, path)?;
         file.set_len(header.file_bytes()).map_err(io_err)?;
         // Allocate every page now: a store into a hole of a shared mapping
         // on a full file system is a SIGBUS, not an error.
@@ -144,6 +172,7 @@ impl WriteRing {
             .write(true)
             .open(path)
             .map_err(io_err)?;
+        lock_exclusive(&file, path)?;
         let len = file.metadata().map_err(io_err)?.len();
         let mut page = vec![0u8; HEADER_BYTES];
         {
@@ -543,6 +572,26 @@ mod tests {
         assert_eq!(ring.bitmap_runs(), vec![(3, 1), (60, 71), (262_143, 1)]);
         ring.clear_bitmap();
         assert!(ring.bitmap_runs().is_empty());
+    }
+
+    /// One process at a time: a second open of a ring in use is refused
+    /// (flock is per open file, so this holds inside one process too),
+    /// and the lock goes with the ring.
+    #[test]
+    fn a_ring_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ring");
+        let ring = WriteRing::create(&p, 1 << 20, VOL, 4096).unwrap();
+        let e = WriteRing::open(&p, VOL, 4096).unwrap_err();
+        assert!(matches!(e, RingError::Busy { .. }), "{e}");
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(ring);
+        let (ring, _) = WriteRing::open(&p, VOL, 4096).unwrap();
+        assert!(matches!(
+            WriteRing::open(&p, VOL, 4096),
+            Err(RingError::Busy { .. })
+        ));
+        drop(ring);
     }
 
     #[test]
