@@ -210,6 +210,34 @@ pub fn check(cfg: &DeviceConfig) -> Result<(), Error> {
     Ok(())
 }
 
+/// Opens (or creates) the write ring of `cfg`'s volume over `backing`
+/// and recovers its tracking state; `None` when tracking is off. Used by
+/// the device before it exists, and by tools that upload a volume's
+/// snapshots while it is not served.
+pub fn open_tracker(
+    cfg: &DeviceConfig,
+    backing: &Backing,
+) -> Result<Option<(Tracker, RecoveryReport)>, Error> {
+    let Some(ring) = cfg.ring_path()? else {
+        return Ok(None);
+    };
+    let t = cfg.tracking.clone().unwrap_or_default();
+    let tcfg = TrackerConfig {
+        ring,
+        ring_bytes: t.ring_bytes,
+        geometry: Geometry {
+            block_shift: t.block_bytes.trailing_zeros(),
+            ..Geometry::default()
+        },
+    };
+    Ok(Some(Tracker::open(
+        &tcfg,
+        backing.path(),
+        backing.size(),
+        cfg.queues,
+    )?))
+}
+
 /// Creates the device for `cfg` (or recovers it, see the module doc),
 /// calls `on_ready` once it accepts I/O, serves until `shutdown` fires or
 /// the kernel stops it, then removes it.
@@ -232,22 +260,7 @@ where
     }
     let backing = Backing::open(&cfg)?;
     // Before the device exists: a ring that cannot be used leaves nothing.
-    let tracker = match cfg.ring_path()? {
-        Some(ring) => {
-            let t = cfg.tracking.clone().unwrap_or_default();
-            let tcfg = TrackerConfig {
-                ring,
-                ring_bytes: t.ring_bytes,
-                geometry: Geometry {
-                    block_shift: t.block_bytes.trailing_zeros(),
-                    ..Geometry::default()
-                },
-            };
-            let (t, report) = Tracker::open(&tcfg, backing.path(), backing.size(), cfg.queues)?;
-            Some((Arc::new(t), report))
-        }
-        None => None,
-    };
+    let tracker = open_tracker(&cfg, &backing)?.map(|(t, report)| (Arc::new(t), report));
     let canonical = backing
         .path()
         .canonicalize()

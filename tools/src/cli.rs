@@ -44,14 +44,33 @@ pub enum Command {
         fio --name=replay --read_iolog=db.iolog --replay_redirect=/dev/ublkb1 --direct=1")]
     Trace(TraceArgs),
     /// List the complete snapshots of a volume at a destination.
-    #[command(after_help = "Examples:\n  foresnap snapshots --dest file:///backup --volume db")]
-    Snapshots(DestArgs),
-    /// Restore a snapshot from a destination into a new image file; every
-    /// object is verified before use.
     #[command(after_help = "Examples:\n  \
-        foresnap restore --dest file:///backup --volume db --out /var/tmp/db.img\n  \
-        foresnap restore --dest file:///backup --volume db --snapshot 12 --out db-12.img")]
+        foresnap snapshots --dest file:///backup --volume db\n  \
+        foresnap snapshots --dest 's3://backups/prod?endpoint=http://127.0.0.1:8333' --volume db")]
+    Snapshots(DestArgs),
+    /// Restore a snapshot from a destination into a new image file or onto
+    /// a whole block device (not mounted); every object is verified before
+    /// its bytes are written.
+    #[command(after_help = "Examples:\n  \
+        foresnap restore --dest file:///backup --volume db --to /var/tmp/db.img\n  \
+        foresnap restore --dest file:///backup --volume db --snapshot 12 --to /dev/vdb")]
     Restore(RestoreArgs),
+    /// Read and check every object of a volume's snapshots (or of one)
+    /// without restoring; name each missing or corrupt object. Exits
+    /// non-zero if any is.
+    #[command(after_help = "Examples:\n  \
+        foresnap verify --dest file:///backup --volume db\n  \
+        foresnap verify --dest s3://backups/prod --volume db --snapshot latest")]
+    Verify(VerifyArgs),
+    /// Upload the snapshots of a volume that is not being served: close
+    /// its open epoch (a snapshot of the backing as it is now) and upload
+    /// every snapshot awaiting upload, then exit. Like `serve`, it relies
+    /// on the backing being changed only through foresnap; a new ring
+    /// takes the backing's data whole into its first snapshot.
+    #[command(after_help = "Examples:\n  \
+        foresnap backup --backing /var/lib/foresnap/db.img --dest file:///backup --volume db\n  \
+        foresnap backup --backing db.img --dest 's3://backups/prod?region=eu-west-1'")]
+    Backup(BackupArgs),
     /// Write the content a snapshot awaiting upload had at its close, for
     /// its changed blocks, into a new sparse volume-sized file (the rest
     /// are holes); prints the changed blocks as `FIRST COUNT` runs of
@@ -62,7 +81,9 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct DestArgs {
-    /// The destination: file:///PATH.
+    /// The destination: file:///PATH or
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=R&path-style=true|false
+    /// (credentials from the standard AWS environment and profiles).
     #[arg(long, value_name = "URL")]
     pub dest: String,
     /// The volume's name there.
@@ -74,12 +95,131 @@ pub struct DestArgs {
 pub struct RestoreArgs {
     #[command(flatten)]
     pub from: DestArgs,
-    /// The snapshot id [default: the newest].
-    #[arg(long, value_name = "ID")]
-    pub snapshot: Option<u32>,
-    /// The image file to create (never overwritten).
-    #[arg(long, value_name = "FILE")]
-    pub out: PathBuf,
+    /// The snapshot: its id, or `latest`.
+    #[arg(long, value_name = "ID|latest", default_value = "latest", value_parser = parse_snapshot)]
+    pub snapshot: Snapshot,
+    /// A new image file to create (an existing file is never overwritten),
+    /// or a block device at least as large as the volume.
+    #[arg(long, visible_alias = "out", value_name = "PATH")]
+    pub to: PathBuf,
+    /// Objects fetched at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
+    pub workers: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub from: DestArgs,
+    /// One snapshot (its id, or `latest`) [default: all of them].
+    #[arg(long, value_name = "ID|latest", value_parser = parse_snapshot)]
+    pub snapshot: Option<Snapshot>,
+    /// Objects read at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
+    pub workers: usize,
+}
+
+/// A snapshot named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Snapshot {
+    Latest,
+    Id(u32),
+}
+
+fn parse_snapshot(s: &str) -> Result<Snapshot, String> {
+    if s == "latest" {
+        return Ok(Snapshot::Latest);
+    }
+    s.parse::<u32>()
+        .ok()
+        .filter(|&id| id > 0)
+        .map(Snapshot::Id)
+        .ok_or_else(|| format!("invalid snapshot '{s}': give a snapshot id (1, 2, ...) or latest"))
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=64).contains(n))
+        .ok_or_else(|| format!("invalid worker count '{s}': give 1 to 64"))
+}
+
+/// Where and how snapshots are uploaded (`serve`, `backup`).
+#[derive(Debug, clap::Args)]
+pub struct UploadArgs {
+    /// Upload every closed snapshot to this destination: file:///PATH (a
+    /// directory, also an NFS mount) or
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=R. Repeatable: the first
+    /// receives the snapshots; the others are opened and checked now, for
+    /// the destination policies that will use them.
+    #[arg(long, value_name = "URL")]
+    pub dest: Vec<String>,
+    /// The volume's name at the destination [default: the backing file's
+    /// name].
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
+    /// Longest chain of delta objects over a chunk object; a longer one is
+    /// folded into a fresh chunk object (compaction) at upload.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_deltas: u16,
+    /// Object size: a power of two from 1M to 64M. A volume keeps the
+    /// chunk size of the snapshots it already has at the destination.
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
+    /// Upload worker threads (objects in flight).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
+    pub upload_workers: usize,
+    /// Bound on the upload buffers: each worker holds up to 4 chunks, so
+    /// fewer workers run if the bound does not fit them all.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
+    pub upload_memory: u64,
+}
+
+/// The volume's change tracking (`serve`, `backup`).
+#[derive(Debug, clap::Args)]
+pub struct TrackArgs {
+    /// Write ring file recording every write [default: BACKING.fsring;
+    /// required for a block device backing]. An existing ring is
+    /// recovered: the restart after a crash continues its epochs.
+    #[arg(long, value_name = "PATH")]
+    pub ring: Option<PathBuf>,
+    /// Size of a new write ring file (32 bytes per write record).
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size_arg)]
+    pub ring_size: u64,
+    /// Tracking block: the unit of change tracking, copy-on-write and
+    /// upload; a power of two from 512 to 1M. An existing ring keeps its own.
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_track_block)]
+    pub track_block: u32,
+}
+
+impl TrackArgs {
+    fn config(&self) -> TrackingConfig {
+        TrackingConfig {
+            ring: self.ring.clone(),
+            ring_bytes: self.ring_size,
+            block_bytes: self.track_block,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// Backing regular file or block device (not being served).
+    #[arg(long, value_name = "PATH")]
+    pub backing: PathBuf,
+    #[command(flatten)]
+    pub track: TrackArgs,
+    #[command(flatten)]
+    pub upload: UploadArgs,
+}
+
+impl BackupArgs {
+    pub fn device_config(&self) -> DeviceConfig {
+        let mut cfg = DeviceConfig::new(&self.backing);
+        cfg.queues = 1;
+        cfg.tracking = Some(self.track.config());
+        cfg
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,36 +276,13 @@ pub struct ServeArgs {
     /// Device id N of /dev/ublkbN [default: the kernel's choice].
     #[arg(long, value_name = "N")]
     pub id: Option<u32>,
-    /// Write ring file recording every write [default: BACKING.fsring;
-    /// required for a block device backing]. An existing ring is
-    /// recovered: the restart after a crash continues its epochs.
-    #[arg(long, value_name = "PATH")]
-    pub ring: Option<PathBuf>,
-    /// Size of a new write ring file (32 bytes per write record).
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size_arg)]
-    pub ring_size: u64,
-    /// Tracking block: the unit of change tracking, copy-on-write and
-    /// upload; a power of two from 512 to 1M. An existing ring keeps its own.
-    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_track_block)]
-    pub track_block: u32,
+    #[command(flatten)]
+    pub track: TrackArgs,
     /// Serve without change tracking (no ring, no snapshots).
     #[arg(long, conflicts_with_all = ["ring", "control", "dest"])]
     pub no_tracking: bool,
-    /// Upload every closed snapshot to this destination: file:///PATH (a
-    /// directory, also an NFS mount). Without it snapshots wait for upload.
-    #[arg(long, value_name = "URL")]
-    pub dest: Option<String>,
-    /// The volume's name at the destination [default: the backing file's
-    /// name].
-    #[arg(long, value_name = "NAME")]
-    pub volume: Option<String>,
-    /// Longest chain of delta objects over a chunk object; a longer one is
-    /// folded into a fresh chunk object (compaction) at upload.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
-    pub max_deltas: u16,
-    /// Object size: a power of two from 1M to 64M.
-    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_chunk_size)]
-    pub chunk_size: u32,
+    #[command(flatten)]
+    pub upload: UploadArgs,
     /// Control socket for `foresnap snapshot` and `status`
     /// [default: /run/foresnap/ublkbN.sock].
     #[arg(long, value_name = "SOCKET")]
@@ -209,11 +326,7 @@ impl ServeArgs {
         cfg.depth = self.depth;
         cfg.block_size = self.block_size;
         cfg.id = self.id;
-        cfg.tracking = (!self.no_tracking).then(|| TrackingConfig {
-            ring: self.ring.clone(),
-            ring_bytes: self.ring_size,
-            block_bytes: self.track_block,
-        });
+        cfg.tracking = (!self.no_tracking).then(|| self.track.config());
         cfg
     }
 }

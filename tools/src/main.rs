@@ -48,6 +48,8 @@ fn main() -> ExitCode {
         cli::Command::Export(args) => serve::export(args),
         cli::Command::Snapshots(args) => upload::snapshots(args),
         cli::Command::Restore(args) => upload::restore(args),
+        cli::Command::Verify(args) => upload::verify(args),
+        cli::Command::Backup(args) => upload::backup(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,17 +16,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // thread or a device exists.
     foresnap_driver::device::check(&cfg)?;
     // The destination too: a bad URL or name fails before any device.
-    let upload = match &args.dest {
-        Some(url) => Some((
-            crate::upload::open_dest(url)?,
-            crate::upload::volume_keys(args.volume.as_deref(), &args.backing)?,
-        )),
-        None => None,
-    };
+    let upload = crate::upload::prepare(&args.upload, &args.backing)?;
     let upload_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let uploader_stop = upload_stop.clone();
-    let chunk_bytes = args.chunk_size;
-    let max_deltas = args.max_deltas;
 
     let shutdown = Shutdown::new();
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
@@ -82,22 +74,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     report.existing_blocks
                 );
             }
-            if let Some((dest, keys)) = upload {
-                let url = dest.url();
-                let name = keys.name().to_owned();
-                if let Err(e) = crate::upload::start_uploader(
-                    tracker.clone(),
-                    dest,
-                    keys,
-                    chunk_bytes,
-                    max_deltas,
-                    uploader_stop,
-                ) {
+            if let Some(plan) = upload {
+                let what = plan.describe();
+                if let Err(e) = plan.start(tracker.clone(), uploader_stop) {
                     eprintln!("foresnap: {e:#}");
                     ready_shutdown.trigger(StopReason::QueueExited);
                     return;
                 }
-                log::info!("uploading snapshots of volume {name} to {url}");
+                log::info!("{what}");
             }
         }
         let mut out = std::io::stdout().lock();

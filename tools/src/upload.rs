@@ -1,19 +1,21 @@
-//! Destinations on the command line: `--dest URL`, the uploader thread of
-//! `serve`, `snapshots` and `restore`.
+//! Destinations on the command line: `--dest URL`, the uploader of `serve`
+//! and `backup`, `snapshots`, `restore` and `verify`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use foresnap_driver::tracking::Tracker;
 use foresnap_uploader::dest::{Destination, DirDestination};
-use foresnap_uploader::engine::Uploader;
-use foresnap_uploader::format::{Codec, Keys};
-use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image};
+use foresnap_uploader::engine::{UploadReport, Uploader};
+use foresnap_uploader::format::{Codec, Keys, Manifest};
+use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image, verify_snapshots};
+use foresnap_uploader::s3::{S3Destination, S3Url};
 
-use crate::cli::{DestArgs, RestoreArgs};
+use crate::cli::{BackupArgs, DestArgs, RestoreArgs, Snapshot, UploadArgs, VerifyArgs};
 
 /// Opens a destination from its URL.
 pub fn open_dest(url: &str) -> anyhow::Result<Arc<dyn Destination>> {
@@ -24,9 +26,12 @@ pub fn open_dest(url: &str) -> anyhow::Result<Arc<dyn Destination>> {
         return Ok(Arc::new(DirDestination::open(Path::new(path))?));
     }
     if url.starts_with("s3://") {
-        bail!("S3 destinations are not built yet ({url}): use file:///PATH");
+        let u = S3Url::parse(url).map_err(anyhow::Error::msg)?;
+        return Ok(Arc::new(S3Destination::open(u)?));
     }
-    bail!("invalid destination {url:?}: use file:///PATH")
+    bail!(
+        "invalid destination {url:?}: use file:///PATH or s3://BUCKET/PREFIX?endpoint=URL&region=R"
+    )
 }
 
 /// The volume name: given, or the backing file's name.
@@ -41,25 +46,161 @@ pub fn volume_keys(name: Option<&str>, backing: &Path) -> anyhow::Result<Keys> {
     Keys::new(&name).map_err(anyhow::Error::msg)
 }
 
-/// Starts the uploader thread of `serve`. It runs until the process ends
-/// (`stop` lets it finish its current object first).
-pub fn start_uploader(
-    tracker: Arc<Tracker>,
+/// A volume's upload set-up, checked before any device exists.
+#[derive(Debug)]
+pub struct UploadPlan {
     dest: Arc<dyn Destination>,
     keys: Keys,
     chunk_bytes: u32,
-    max_deltas: u16,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
-    let url = dest.url();
-    let up = Uploader::new(tracker, dest, keys, chunk_bytes, Codec::Zstd(1))
-        .with_context(|| format!("destination {url}"))?
-        .with_max_deltas(usize::from(max_deltas));
-    std::thread::Builder::new()
-        .name("uploader".into())
-        .spawn(move || up.run(&stop))
-        .context("cannot start the uploader thread")?;
+    max_deltas: usize,
+    workers: usize,
+    memory_bytes: u64,
+}
+
+/// Opens the destinations of `args` (all of them, so that a bad URL or
+/// unreachable store fails now); `None` without `--dest`.
+pub fn prepare(args: &UploadArgs, backing: &Path) -> anyhow::Result<Option<UploadPlan>> {
+    let Some(first) = args.dest.first() else {
+        return Ok(None);
+    };
+    let keys = volume_keys(args.volume.as_deref(), backing)?;
+    let dest = open_dest(first)?;
+    for extra in &args.dest[1..] {
+        let d = open_dest(extra)?;
+        log::warn!(
+            "--dest {}: opened and checked; snapshots go to the first destination, {}, \
+             until destination policies are configured",
+            d.url(),
+            dest.url()
+        );
+    }
+    let need = foresnap_uploader::engine::worker_memory(args.chunk_size);
+    if args.upload_memory < need {
+        bail!(
+            "--upload-memory {} is below what one upload worker needs with --chunk-size {} \
+             ({need} bytes: 4 chunks)",
+            args.upload_memory,
+            args.chunk_size
+        );
+    }
+    Ok(Some(UploadPlan {
+        dest,
+        keys,
+        chunk_bytes: args.chunk_size,
+        max_deltas: usize::from(args.max_deltas),
+        workers: args.upload_workers,
+        memory_bytes: args.upload_memory,
+    }))
+}
+
+impl UploadPlan {
+    fn uploader(&self, tracker: Arc<Tracker>) -> anyhow::Result<Uploader> {
+        let url = self.dest.url();
+        Uploader::new(
+            tracker,
+            self.dest.clone(),
+            self.keys.clone(),
+            self.chunk_bytes,
+            Codec::Zstd(1),
+        )
+        .and_then(|u| {
+            u.with_max_deltas(self.max_deltas)
+                .with_pool(self.workers, self.memory_bytes)
+        })
+        .with_context(|| format!("destination {url}"))
+    }
+
+    /// For the log.
+    pub fn describe(&self) -> String {
+        format!(
+            "uploading snapshots of volume {} to {} ({} workers at most, {} bytes of buffers)",
+            self.keys.name(),
+            self.dest.url(),
+            self.workers,
+            self.memory_bytes
+        )
+    }
+
+    /// Starts the uploader thread of `serve`. It runs until the process
+    /// ends (`stop` lets it finish its current snapshot's objects first).
+    pub fn start(self, tracker: Arc<Tracker>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+        let up = self.uploader(tracker)?;
+        std::thread::Builder::new()
+            .name("uploader".into())
+            .spawn(move || up.run(&stop))
+            .context("cannot start the uploader thread")?;
+        Ok(())
+    }
+}
+
+/// Progress on stderr: a line redrawn in place on a terminal, every 10%
+/// otherwise (logs stay short).
+fn progress(what: String) -> impl FnMut(u64, u64) + Send {
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut last = u64::MAX;
+    move |done, total| {
+        let pct = done * 100 / total.max(1);
+        let step = if tty { pct } else { pct / 10 };
+        if step != last || done == total {
+            last = step;
+            let secs = started.elapsed().as_secs_f64();
+            let end = if done == total { "\n" } else { "" };
+            let line = format!("foresnap: {what}: {pct:3}% ({done}/{total}) {secs:.1} s");
+            if tty {
+                eprint!("\r{line}{end}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// `foresnap backup`: snapshot and upload a volume that is not served.
+pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    let plan = prepare(&args.upload, &args.backing)?
+        .context("backup needs a destination: give --dest URL")?;
+    let cfg = args.device_config();
+    let backing = foresnap_driver::backing::Backing::open(&cfg)?;
+    let (tracker, report) = foresnap_driver::device::open_tracker(&cfg, &backing)?
+        .context("backup needs change tracking")?;
+    let tracker = Arc::new(tracker);
+    if report.existing_blocks > 0 {
+        eprintln!(
+            "foresnap: new ring {}: the backing's {} blocks of data go into the first snapshot",
+            tracker.ring_path().display(),
+            report.existing_blocks
+        );
+    }
+    let closed = tracker.close()?;
+    eprintln!(
+        "foresnap: closed snapshot {} ({} changed blocks)",
+        closed.epoch, closed.blocks
+    );
+    let mut up = plan.uploader(tracker.clone())?;
+    eprintln!("foresnap: {}", plan.describe());
+    let mut out = std::io::stdout().lock();
+    while let Some(r) = up.upload_next()? {
+        print_report(&mut out, &r, &plan.dest.url())?;
+    }
     Ok(())
+}
+
+fn print_report(out: &mut impl Write, r: &UploadReport, url: &str) -> std::io::Result<()> {
+    let secs = r.elapsed.as_secs_f64();
+    writeln!(
+        out,
+        "snapshot {} uploaded to {url}: {} blocks, {} objects stored, {} already there, \
+         {} chains compacted, {} bytes in {secs:.2} s ({:.1} MiB/s)",
+        r.snapshot,
+        r.blocks,
+        r.objects_stored,
+        r.objects_reused,
+        r.compacted,
+        r.bytes_sent,
+        r.bytes_sent as f64 / (1 << 20) as f64 / secs.max(1e-9)
+    )?;
+    out.flush()
 }
 
 /// `foresnap snapshots`.
@@ -90,40 +231,103 @@ pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The manifest of the snapshot `which` names.
+fn pick(dest: &dyn Destination, keys: &Keys, which: Snapshot) -> anyhow::Result<Manifest> {
+    let id = match which {
+        Snapshot::Id(id) => id,
+        Snapshot::Latest => *list_snapshots(dest, keys)?
+            .last()
+            .with_context(|| format!("no snapshot of volume {} at {}", keys.name(), dest.url()))?,
+    };
+    read_manifest(dest, keys, id)
+        .with_context(|| format!("snapshot {id} of volume {}", keys.name()))
+}
+
 /// `foresnap restore`.
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     let dest = open_dest(&args.from.dest)?;
     let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
-    let id = match args.snapshot {
-        Some(id) => id,
-        None => *list_snapshots(dest.as_ref(), &keys)?
-            .last()
-            .with_context(|| {
-                format!(
-                    "no snapshot of volume {} at {}",
-                    args.from.volume,
-                    dest.url()
-                )
-            })?,
-    };
-    let m = read_manifest(dest.as_ref(), &keys, id)
-        .with_context(|| format!("snapshot {id} of volume {}", args.from.volume))?;
-    let started = std::time::Instant::now();
-    let mut last_pct = u64::MAX;
-    restore_image(dest.as_ref(), &keys, &m, &args.out, |done, total| {
-        let pct = done * 100 / total.max(1);
-        if pct / 10 != last_pct / 10 || done == total {
-            last_pct = pct;
-            eprint!("\rforesnap: restoring snapshot {id}: {pct:3}% ({done}/{total} chunks)");
-        }
-    })
-    .with_context(|| format!("restoring snapshot {id} into {}", args.out.display()))?;
-    eprintln!();
+    let m = pick(dest.as_ref(), &keys, args.snapshot)?;
+    let id = m.snapshot;
+    let started = Instant::now();
+    restore_image(
+        dest.as_ref(),
+        &keys,
+        &m,
+        &args.to,
+        args.workers,
+        progress(format!("restoring snapshot {id} (chunks)")),
+    )
+    .with_context(|| format!("restoring snapshot {id} into {}", args.to.display()))?;
     println!(
         "snapshot {id} restored to {} ({} bytes) in {:.1} s",
-        args.out.display(),
+        args.to.display(),
         m.volume_bytes,
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `foresnap verify`.
+pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
+    let dest = open_dest(&args.from.dest)?;
+    let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
+    let manifests = match args.snapshot {
+        Some(which) => vec![pick(dest.as_ref(), &keys, which)?],
+        None => {
+            let ids = list_snapshots(dest.as_ref(), &keys)?;
+            if ids.is_empty() {
+                bail!(
+                    "no snapshot of volume {} at {}",
+                    args.from.volume,
+                    dest.url()
+                );
+            }
+            ids.into_iter()
+                .map(|id| {
+                    read_manifest(dest.as_ref(), &keys, id)
+                        .with_context(|| format!("snapshot {id} of volume {}", args.from.volume))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
+        }
+    };
+    let started = Instant::now();
+    let report = verify_snapshots(
+        dest.as_ref(),
+        &keys,
+        &manifests,
+        args.workers,
+        progress("verifying objects".into()),
+    )?;
+    let ids: Vec<String> = manifests.iter().map(|m| m.snapshot.to_string()).collect();
+    let mut out = std::io::stdout().lock();
+    for p in &report.problems {
+        let snaps: Vec<String> = p.snapshots.iter().map(u32::to_string).collect();
+        writeln!(
+            out,
+            "BAD {}: {} (needed by snapshot {})",
+            p.key,
+            p.what,
+            snaps.join(", ")
+        )?;
+    }
+    writeln!(
+        out,
+        "verified snapshot {} of volume {} at {}: {} objects, {} bytes, {} bad, {:.1} s",
+        ids.join(", "),
+        args.from.volume,
+        dest.url(),
+        report.objects,
+        report.bytes,
+        report.problems.len(),
+        started.elapsed().as_secs_f64()
+    )?;
+    if !report.problems.is_empty() {
+        bail!(
+            "{} of {} objects are missing or corrupt: the snapshots that need them cannot be restored",
+            report.problems.len(),
+            report.objects
+        );
+    }
     Ok(())
 }

@@ -20,12 +20,22 @@ pub enum DestError {
         "invalid object key {0:?}: use letters, digits, '.', '_', '-' and '/' between non-empty parts"
     )]
     BadKey(String),
-    #[error("{dest}: {op} {key}: {source}")]
+    /// An object store answered with an error, or could not be reached
+    /// (after the retries of its client).
+    #[error("{dest}: {op} {key}: {why}")]
+    Remote {
+        dest: String,
+        op: &'static str,
+        key: String,
+        why: String,
+    },
+    // `error`, not `source`: the message includes it (no repeat in chains).
+    #[error("{dest}: {op} {key}: {error}")]
     Io {
         dest: String,
         op: &'static str,
         key: String,
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -89,7 +99,7 @@ impl DirDestination {
             dest: self.url(),
             op,
             key: key.to_owned(),
-            source,
+            error: source,
         }
     }
 

@@ -12,8 +12,8 @@
 //! ring records. An upload interrupted by a crash is redone after the
 //! restart; the objects already stored are found and kept, not sent again.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use foresnap_driver::tracking::Tracker;
@@ -25,6 +25,19 @@ use crate::restore::{SnapshotError, SnapshotWriter, list_snapshots, read_manifes
 
 /// Default chunk: 4 MiB, the object size.
 pub const DEFAULT_CHUNK_BYTES: u32 = 4 << 20;
+/// Default upload worker threads.
+pub const DEFAULT_WORKERS: usize = 4;
+/// Default bound on the memory of the upload buffers.
+pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
+
+/// Memory one upload worker may hold at once, for chunks of `chunk_bytes`:
+/// its chunk buffer, the encoded object (compressed in place, one
+/// allocation), the destination's copy in flight (an S3 request body) and,
+/// when a delta chain is compacted or an existing object is checked, the
+/// objects read back: four chunks, plus headers and bitmaps.
+pub fn worker_memory(chunk_bytes: u32) -> u64 {
+    4 * u64::from(chunk_bytes) + (64 << 10)
+}
 
 /// Why an epoch could not be uploaded (retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +51,23 @@ pub enum UploadError {
     Read(#[from] ReadClosedError),
     #[error("tracker: {0}")]
     Track(#[from] foresnap_driver::tracking::tracker::TrackError),
+    #[error(
+        "an upload memory bound of {bound} bytes is below what one worker needs for \
+         {chunk}-byte chunks ({need} bytes): raise the bound or use smaller chunks"
+    )]
+    Memory { bound: u64, need: u64, chunk: u32 },
+    #[error(
+        "{dest}: the snapshots of volume {name} track {theirs}-byte blocks, this volume \
+         {ours}-byte ones: use --track-block {theirs} or another --volume name"
+    )]
+    Geometry {
+        dest: String,
+        name: String,
+        theirs: u32,
+        ours: u32,
+    },
+    #[error("cannot start an upload worker thread: {0}")]
+    Worker(std::io::Error),
     #[error(
         "{dest} holds a volume named {name} with another id ({theirs}; this one is {ours}): \
          choose another --volume name"
@@ -74,6 +104,7 @@ pub struct Uploader {
     codec: Codec,
     last: Option<Manifest>,
     max_deltas: usize,
+    workers: usize,
 }
 
 /// The newest snapshot at `dest` below `before`, if any.
@@ -118,6 +149,30 @@ impl Uploader {
             });
         }
         let last = latest_manifest(dest.as_ref(), &keys, before)?;
+        let mut chunk_bytes = chunk_bytes;
+        if let Some(m) = &last {
+            // Incremental snapshots share objects with their parents, so
+            // they keep the parents' geometry.
+            let block_bytes = 1u32 << tracker.map().geometry().block_shift;
+            if m.block_bytes != block_bytes {
+                return Err(UploadError::Geometry {
+                    dest: dest.url(),
+                    name: keys.name().to_owned(),
+                    theirs: m.block_bytes,
+                    ours: block_bytes,
+                });
+            }
+            if m.chunk_bytes != chunk_bytes {
+                log::warn!(
+                    "{}: volume {} has {}-byte chunks there; its next snapshots keep them \
+                     (not the {chunk_bytes} bytes asked for)",
+                    dest.url(),
+                    keys.name(),
+                    m.chunk_bytes
+                );
+                chunk_bytes = m.chunk_bytes;
+            }
+        }
         Ok(Uploader {
             tracker,
             dest,
@@ -127,6 +182,7 @@ impl Uploader {
             codec,
             last,
             max_deltas: crate::restore::DEFAULT_MAX_DELTAS,
+            workers: 1,
         })
     }
 
@@ -134,6 +190,27 @@ impl Uploader {
     pub fn with_max_deltas(mut self, n: usize) -> Self {
         self.max_deltas = n.max(1);
         self
+    }
+
+    /// Uploads with up to `workers` threads, as many as `memory_bytes`
+    /// allows ([`worker_memory`] each); fails if it does not allow one.
+    pub fn with_pool(mut self, workers: usize, memory_bytes: u64) -> Result<Self, UploadError> {
+        let need = worker_memory(self.chunk_bytes);
+        let fit = usize::try_from(memory_bytes / need).unwrap_or(usize::MAX);
+        if fit == 0 {
+            return Err(UploadError::Memory {
+                bound: memory_bytes,
+                need,
+                chunk: self.chunk_bytes,
+            });
+        }
+        self.workers = workers.clamp(1, fit);
+        Ok(self)
+    }
+
+    /// Upload worker threads.
+    pub fn workers(&self) -> usize {
+        self.workers
     }
 
     fn base(&self) -> Manifest {
@@ -149,7 +226,10 @@ impl Uploader {
         }
     }
 
-    /// Uploads the oldest closed epoch, if there is one.
+    /// Uploads the oldest closed epoch, if there is one, with the worker
+    /// pool: each worker takes the next chunk with changed blocks, reads
+    /// them into its own chunk buffer and stores the chunk's object; the
+    /// manifest is written once every chunk is stored.
     pub fn upload_next(&mut self) -> Result<Option<UploadReport>, UploadError> {
         let Some(info) = self.tracker.closed_epochs().into_iter().next() else {
             return Ok(None);
@@ -160,10 +240,8 @@ impl Uploader {
             foresnap_driver::tracking::tracker::TrackError::NoSuchEpoch(epoch),
         )?;
         let base = self.base();
-        let bs = base.block_bytes as usize;
-        let per_chunk = u64::from(base.chunk_bytes / base.block_bytes);
         let dest = self.dest.clone();
-        let mut w = SnapshotWriter::new(
+        let w = SnapshotWriter::new(
             dest.as_ref(),
             &self.keys,
             &base,
@@ -173,38 +251,46 @@ impl Uploader {
             self.codec,
         )
         .with_max_deltas(self.max_deltas);
-        // One chunk at a time: its changed blocks are read straight into
-        // their places in `chunk_buf`, which is then stored whole or as a
-        // delta of slices into it (no copy per block).
-        let mut chunk_buf = vec![0u8; base.chunk_bytes as usize];
-        let mut present: Vec<u32> = Vec::new();
-        let mut blocks = changed.blocks().peekable();
-        while let Some(&first) = blocks.peek() {
-            let chunk = first / per_chunk;
-            present.clear();
-            while let Some(b) = blocks.next_if(|b| b / per_chunk == chunk) {
-                let i = u32::try_from(b - chunk * per_chunk).unwrap_or(u32::MAX);
-                let at = i as usize * bs;
-                // Every changed block of a closed epoch is pending until
-                // this upload acknowledges it (after the manifest); a block
-                // that is not is a bug, and the snapshot must not be built
-                // without it.
-                self.tracker
-                    .read_closed(epoch, b, &mut chunk_buf[at..at + bs])?;
-                present.push(i);
+        let job = ChunkJob {
+            tracker: &self.tracker,
+            writer: &w,
+            base: &base,
+            epoch,
+        };
+        let queue = Mutex::new(changed.blocks().peekable());
+        let failed: Mutex<Option<UploadError>> = Mutex::new(None);
+        let stop = AtomicBool::new(false);
+        let fail = |e: UploadError| {
+            stop.store(true, Ordering::Relaxed);
+            lock(&failed).get_or_insert(e);
+        };
+        std::thread::scope(|s| {
+            for i in 0..self.workers {
+                let (job, queue, stop, fail) = (&job, &queue, &stop, &fail);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("upload-{i}"))
+                    .spawn_scoped(s, move || {
+                        let mut buf = vec![0u8; job.base.chunk_bytes as usize];
+                        let mut present = Vec::new();
+                        while !stop.load(Ordering::Relaxed) {
+                            let Some(chunk) = job.next_chunk(&mut lock(queue), &mut present) else {
+                                break;
+                            };
+                            if let Err(e) = job.upload(chunk, &present, &mut buf) {
+                                fail(e);
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    fail(UploadError::Worker(e));
+                    break;
+                }
             }
-            let len = usize::try_from(base.chunk_len(chunk)).unwrap_or(0);
-            if present.len() as u64 == (len as u64).div_ceil(bs as u64) {
-                w.put_chunk(chunk, &chunk_buf[..len])?;
-            } else {
-                let refs: Vec<(u32, &[u8])> = present
-                    .iter()
-                    .map(|&i| (i, &chunk_buf[i as usize * bs..(i as usize + 1) * bs]))
-                    .collect();
-                w.put_delta(chunk, &refs)?;
-            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
         }
-        let (stored, reused, sent, compacted) = (w.stored, w.reused, w.bytes, w.compacted);
+        let counts = w.counts();
         let manifest = w.commit()?;
         for b in changed.blocks() {
             self.tracker.ack_closed(epoch, b);
@@ -214,10 +300,10 @@ impl Uploader {
         Ok(Some(UploadReport {
             snapshot: epoch,
             blocks: changed.len(),
-            objects_stored: stored,
-            objects_reused: reused,
-            bytes_sent: sent,
-            compacted,
+            objects_stored: counts.stored,
+            objects_reused: counts.reused,
+            bytes_sent: counts.bytes,
+            compacted: counts.compacted,
             elapsed: start.elapsed(),
         }))
     }
@@ -257,6 +343,67 @@ impl Uploader {
                 }
             }
         }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the workers of one epoch's upload share.
+struct ChunkJob<'a> {
+    tracker: &'a Tracker,
+    writer: &'a SnapshotWriter<'a>,
+    base: &'a Manifest,
+    epoch: u32,
+}
+
+impl ChunkJob<'_> {
+    fn per_chunk(&self) -> u64 {
+        u64::from(self.base.chunk_bytes / self.base.block_bytes)
+    }
+
+    /// Takes the next chunk's changed blocks (indices within the chunk)
+    /// from the epoch's ascending block list.
+    fn next_chunk(
+        &self,
+        blocks: &mut std::iter::Peekable<impl Iterator<Item = u64>>,
+        present: &mut Vec<u32>,
+    ) -> Option<u64> {
+        let per_chunk = self.per_chunk();
+        let chunk = *blocks.peek()? / per_chunk;
+        present.clear();
+        while let Some(b) = blocks.next_if(|b| b / per_chunk == chunk) {
+            present.push(u32::try_from(b - chunk * per_chunk).unwrap_or(u32::MAX));
+        }
+        Some(chunk)
+    }
+
+    /// Reads the changed blocks `present` of `chunk` straight into their
+    /// places in `buf`, then stores the chunk whole (every block changed)
+    /// or as a delta of slices into `buf` (no copy per block).
+    fn upload(&self, chunk: u64, present: &[u32], buf: &mut [u8]) -> Result<(), UploadError> {
+        let bs = self.base.block_bytes as usize;
+        let first = chunk * self.per_chunk();
+        for &i in present {
+            let at = i as usize * bs;
+            // Every changed block of a closed epoch is pending until this
+            // upload acknowledges it (after the manifest); a block that is
+            // not is a bug, and the snapshot must not be built without it.
+            self.tracker
+                .read_closed(self.epoch, first + u64::from(i), &mut buf[at..at + bs])?;
+        }
+        let len = usize::try_from(self.base.chunk_len(chunk)).unwrap_or(0);
+        if present.len() as u64 == (len as u64).div_ceil(bs as u64) {
+            self.writer.put_chunk(chunk, &buf[..len])?;
+        } else {
+            let refs: Vec<(u32, &[u8])> = present
+                .iter()
+                .map(|&i| (i, &buf[i as usize * bs..(i as usize + 1) * bs]))
+                .collect();
+            self.writer.put_delta(chunk, &refs)?;
+        }
+        Ok(())
     }
 }
 
@@ -317,7 +464,11 @@ mod tests {
             1 << 20,
             Codec::Zstd(1),
         )
+        .unwrap()
+        // Three workers: chunks of one epoch are stored concurrently.
+        .with_pool(3, 64 << 20)
         .unwrap();
+        assert_eq!(up.workers(), 3);
         assert_eq!(up.upload_next().unwrap(), None, "nothing closed yet");
 
         // Epoch 1: a whole chunk, part of another, the short last chunk.
@@ -344,7 +495,7 @@ mod tests {
         for (id, want) in [(1, &image1), (2, &image2)] {
             let m = read_manifest(dest.as_ref(), &keys, id).unwrap();
             let out = dir.path().join(format!("r{id}"));
-            restore_image(dest.as_ref(), &keys, &m, &out, |_, _| {}).unwrap();
+            restore_image(dest.as_ref(), &keys, &m, &out, 2, |_, _| {}).unwrap();
             assert!(
                 &std::fs::read(&out).unwrap() == want,
                 "snapshot {id} differs"
@@ -365,7 +516,7 @@ mod tests {
         let m3 = read_manifest(dest.as_ref(), &keys, 3).unwrap();
         assert_eq!(m3.parent, 2);
         let out = dir.path().join("r3");
-        restore_image(dest.as_ref(), &keys, &m3, &out, |_, _| {}).unwrap();
+        restore_image(dest.as_ref(), &keys, &m3, &out, 2, |_, _| {}).unwrap();
         assert!(std::fs::read(&out).unwrap() == image3);
 
         // Another volume under the same name is refused.
@@ -379,6 +530,45 @@ mod tests {
         let (ot, _) = Tracker::open(&ocfg, &op, size, 1).unwrap();
         let e = Uploader::new(Arc::new(ot), dest, keys, 1 << 20, Codec::None).unwrap_err();
         assert!(e.to_string().contains("another id"), "{e}");
+    }
+
+    /// The memory bound decides how many workers run: never more than
+    /// fit, and a bound that fits none is refused with the numbers.
+    #[test]
+    fn the_memory_bound_caps_the_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let vp = dir.path().join("vol");
+        std::fs::File::create(&vp).unwrap().set_len(MIB).unwrap();
+        let cfg = TrackerConfig {
+            ring: dir.path().join("ring"),
+            ring_bytes: 1 << 20,
+            geometry: Geometry::default(),
+        };
+        let (t, _) = Tracker::open(&cfg, &vp, MIB, 1).unwrap();
+        let t = Arc::new(t);
+        let dest: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
+        let up = |chunk: u32, workers: usize, memory: u64| {
+            Uploader::new(
+                t.clone(),
+                dest.clone(),
+                Keys::new("v").unwrap(),
+                chunk,
+                Codec::None,
+            )
+            .unwrap()
+            .with_pool(workers, memory)
+        };
+        let per = worker_memory(4 << 20);
+        assert!(per >= 4 * (4 << 20));
+        assert_eq!(up(4 << 20, 16, 256 << 20).unwrap().workers(), 15);
+        assert_eq!(up(4 << 20, 4, 256 << 20).unwrap().workers(), 4);
+        assert_eq!(up(64 << 20, 8, 512 << 20).unwrap().workers(), 1);
+        let e = up(64 << 20, 8, 256 << 20).unwrap_err();
+        assert!(
+            matches!(e, UploadError::Memory { .. }) && e.to_string().contains("below"),
+            "{e}"
+        );
     }
 }
 

@@ -196,21 +196,30 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn compress(raw: &[u8], codec: Codec) -> (u8, Vec<u8>) {
-    match codec {
-        Codec::None => (0, raw.to_vec()),
-        Codec::Zstd(level) => match zstd::bulk::compress(raw, level) {
-            // Incompressible data is stored as it is: never larger.
-            Ok(c) if c.len() < raw.len() => (1, c),
-            Ok(_) => (0, raw.to_vec()),
-            Err(e) => {
-                log::warn!("zstd failed ({e}); storing the object uncompressed");
-                (0, raw.to_vec())
-            }
-        },
+/// Writes `raw`, compressed if that makes it smaller, into `dst` (which
+/// has room for `raw` as it is); returns the codec code and the length.
+/// Incompressible data is stored as it is: never larger.
+fn compress_into(raw: &[u8], codec: Codec, dst: &mut [u8]) -> (u8, usize) {
+    if let Codec::Zstd(level) = codec
+        && !raw.is_empty()
+    {
+        // One byte short of `raw`: a result that does not shrink fails.
+        match zstd::zstd_safe::compress(&mut dst[..raw.len() - 1], raw, level) {
+            Ok(n) => return (1, n),
+            Err(code) if zstd::zstd_safe::get_error_name(code).contains("too small") => {}
+            Err(code) => log::warn!(
+                "zstd failed ({}); storing the object uncompressed",
+                zstd::zstd_safe::get_error_name(code)
+            ),
+        }
     }
+    dst[..raw.len()].copy_from_slice(raw);
+    (0, raw.len())
 }
 
+/// Builds an object in one allocation: the payload is compressed straight
+/// into its place after the header (the upload engine's memory bound
+/// counts on no other copy).
 fn encode_object(
     kind: ObjectKind,
     chunk: u64,
@@ -219,24 +228,27 @@ fn encode_object(
     raw: &[u8],
     codec: Codec,
 ) -> Vec<u8> {
-    let (codec_code, stored) = compress(raw, codec);
-    let mut out = Vec::with_capacity(OBJECT_HEADER_BYTES + stored.len());
-    out.extend_from_slice(&OBJECT_MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(kind.code());
-    out.push(codec_code);
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(&chunk.to_le_bytes());
-    out.extend_from_slice(&block_bytes.to_le_bytes());
-    out.extend_from_slice(&blocks.to_le_bytes());
-    out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(stored.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(raw).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&stored).to_le_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    let crc = crc32c::crc32c(&out[..60]);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(&stored);
+    let mut out = vec![0u8; OBJECT_HEADER_BYTES + raw.len()];
+    let (codec_code, stored_len) = compress_into(raw, codec, &mut out[OBJECT_HEADER_BYTES..]);
+    out.truncate(OBJECT_HEADER_BYTES + stored_len);
+    let stored_crc = crc32c::crc32c(&out[OBJECT_HEADER_BYTES..]);
+    let mut h = Vec::with_capacity(OBJECT_HEADER_BYTES);
+    h.extend_from_slice(&OBJECT_MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.push(kind.code());
+    h.push(codec_code);
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(&chunk.to_le_bytes());
+    h.extend_from_slice(&block_bytes.to_le_bytes());
+    h.extend_from_slice(&blocks.to_le_bytes());
+    h.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(stored_len as u64).to_le_bytes());
+    h.extend_from_slice(&crc32c::crc32c(raw).to_le_bytes());
+    h.extend_from_slice(&stored_crc.to_le_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]);
+    let crc = crc32c::crc32c(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    out[..OBJECT_HEADER_BYTES].copy_from_slice(&h);
     out
 }
 
@@ -379,7 +391,7 @@ pub fn decode_object(bytes: &[u8], max_chunk_bytes: u32) -> Result<Object, Forma
 }
 
 /// Where one chunk's data comes from: an object of some snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
     pub snapshot: u32,
     pub kind: ObjectKind,

@@ -3,7 +3,8 @@
 //!
 //! A snapshot is a manifest plus data objects ([`mod@format`]). Destinations
 //! ([`dest`]) store immutable objects under keys: a key is written once and
-//! never overwritten, so a reader can trust what it finds. [`restore`]
+//! never overwritten, so a reader can trust what it finds: a local
+//! directory or an S3-compatible store ([`s3`]). [`restore`]
 //! rebuilds a volume image from a manifest, checking every object's
 //! checksums before its bytes are used.
 
@@ -11,6 +12,8 @@ pub mod dest;
 pub mod engine;
 pub mod format;
 pub mod restore;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 pub use dest::{DestError, Destination, DirDestination};
 pub use engine::Uploader;
