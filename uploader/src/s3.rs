@@ -166,6 +166,22 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// An access key, given explicitly instead of the AWS chain's.
+#[derive(Clone)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for S3Credentials {
+    // Never the secret, not even in a debug log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// See the module doc.
 #[derive(Debug)]
 pub struct S3Destination {
@@ -180,10 +196,18 @@ fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<
 }
 
 impl S3Destination {
-    /// Connects to the bucket of `url`: loads credentials and checks that
-    /// the bucket answers, so that a wrong endpoint, bucket or key is
-    /// reported here, once, and not by every upload.
+    /// Connects to the bucket of `url` with the credentials of the
+    /// standard AWS chain: see [`S3Destination::open_with`].
     pub fn open(url: S3Url) -> Result<S3Destination, DestError> {
+        Self::open_with(url, None)
+    }
+
+    /// Connects to the bucket of `url`: loads credentials (`creds`, or the
+    /// standard AWS chain) and checks that the bucket answers, so that a
+    /// wrong endpoint, bucket or key is reported here, once, and not by
+    /// every upload. Explicit credentials are for a destination whose
+    /// owner is not the process (a tenant's own keys).
+    pub fn open_with(url: S3Url, creds: Option<S3Credentials>) -> Result<S3Destination, DestError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("s3-io")
@@ -218,6 +242,15 @@ impl S3Destination {
             );
         if let Some(r) = &url.region {
             loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(c) = creds {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                c.access_key_id,
+                c.secret_access_key,
+                None,
+                None,
+                "foresnap",
+            ));
         }
         let sdk = rt.block_on(loader.load());
         let provider = sdk.credentials_provider().ok_or_else(|| {
