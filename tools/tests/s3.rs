@@ -127,7 +127,7 @@ fn pattern(len: u64, seed: u64) -> Vec<u8> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x >> 24) as u8
+            (x >> 24).to_le_bytes()[0]
         })
         .collect()
 }
@@ -257,16 +257,10 @@ fn snapshots_restore_bit_exact(s: &Server) {
         images.push(image);
     }
     for ((t, _, _), d) in vols.iter().zip([&s3, &local]) {
-        let mut up = Uploader::new(
-            t.clone(),
-            d.clone(),
-            keys.clone(),
-            MIB as u32,
-            Codec::Zstd(1),
-        )
-        .unwrap()
-        .with_pool(4, 64 * MIB)
-        .unwrap();
+        let mut up = Uploader::new(t.clone(), d.clone(), keys.clone(), 1 << 20, Codec::Zstd(1))
+            .unwrap()
+            .with_pool(4, 64 * MIB)
+            .unwrap();
         assert_eq!(up.workers(), 4);
         for want in 1..=2 {
             let r = up.upload_next().unwrap().unwrap();
