@@ -418,6 +418,105 @@ mod tests {
     }
 
     #[test]
+    fn destination_commands_parse_and_refuse_bad_values() {
+        let Command::Restore(r) = parse(&[
+            "restore",
+            "--dest",
+            "file:///b",
+            "--volume",
+            "v",
+            "--to",
+            "/x",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not restore")
+        };
+        assert_eq!((r.snapshot, r.workers), (Snapshot::Latest, 4));
+        let Command::Restore(r) = parse(&[
+            "restore",
+            "--dest",
+            "file:///b",
+            "--volume",
+            "v",
+            "--out",
+            "/x",
+            "--snapshot",
+            "12",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not restore")
+        };
+        assert_eq!(r.snapshot, Snapshot::Id(12), "--out is an alias of --to");
+        for bad in ["0", "newest", "1.5"] {
+            let e = parse(&[
+                "verify",
+                "--dest",
+                "file:///b",
+                "--volume",
+                "v",
+                "--snapshot",
+                bad,
+            ])
+            .unwrap_err();
+            assert!(e.to_string().contains("invalid snapshot"), "{bad}: {e}");
+        }
+        for bad in ["0", "65", "x"] {
+            let e = parse(&[
+                "verify",
+                "--dest",
+                "file:///b",
+                "--volume",
+                "v",
+                "--workers",
+                bad,
+            ])
+            .unwrap_err();
+            assert!(e.to_string().contains("worker count"), "{bad}: {e}");
+        }
+        let a = serve(&[
+            "--backing",
+            "/d",
+            "--dest",
+            "file:///a",
+            "--dest",
+            "s3://b",
+            "--upload-memory",
+            "1G",
+            "--upload-workers",
+            "8",
+        ]);
+        assert_eq!(a.upload.dest, vec!["file:///a", "s3://b"]);
+        assert_eq!(
+            (a.upload.upload_memory, a.upload.upload_workers),
+            (1 << 30, 8)
+        );
+        let a = serve(&["--backing", "/d"]);
+        assert_eq!(
+            (
+                a.upload.upload_memory,
+                a.upload.upload_workers,
+                a.upload.chunk_size
+            ),
+            (256 << 20, 4, 4 << 20)
+        );
+        let Command::Backup(b) = parse(&["backup", "--backing", "/d", "--dest", "file:///b"])
+            .unwrap()
+            .command
+        else {
+            panic!("not backup")
+        };
+        assert_eq!(b.device_config().queues, 1);
+        assert_eq!(
+            b.device_config().ring_path().unwrap().as_deref(),
+            Some(std::path::Path::new("/d.fsring"))
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_problem() {
         let e = parse(&["serve", "--backing", "/d", "--block-size", "1024"]).unwrap_err();
         assert!(e.to_string().contains("512 or 4096"), "{e}");
