@@ -74,14 +74,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     report.existing_blocks
                 );
             }
-            if let Some(plan) = upload {
-                let what = plan.describe();
-                if let Err(e) = plan.start(tracker.clone(), uploader_stop) {
-                    eprintln!("foresnap: {e:#}");
-                    ready_shutdown.trigger(StopReason::QueueExited);
-                    return;
-                }
-                log::info!("{what}");
+            if let Some(plan) = upload
+                && let Err(e) = plan.start(tracker.clone(), uploader_stop)
+            {
+                eprintln!("foresnap: {e:#}");
+                ready_shutdown.trigger(StopReason::QueueExited);
+                return;
             }
         }
         let mut out = std::io::stdout().lock();

@@ -110,13 +110,13 @@ impl UploadPlan {
         .with_context(|| format!("destination {url}"))
     }
 
-    /// For the log.
-    pub fn describe(&self) -> String {
+    /// For the log: what `up` does.
+    fn describe(&self, up: &Uploader) -> String {
         format!(
-            "uploading snapshots of volume {} to {} ({} workers at most, {} bytes of buffers)",
+            "uploading snapshots of volume {} to {} ({} workers, buffers bounded by {} bytes)",
             self.keys.name(),
             self.dest.url(),
-            self.workers,
+            up.workers(),
             self.memory_bytes
         )
     }
@@ -125,6 +125,7 @@ impl UploadPlan {
     /// ends (`stop` lets it finish its current snapshot's objects first).
     pub fn start(self, tracker: Arc<Tracker>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let up = self.uploader(tracker)?;
+        log::info!("{}", self.describe(&up));
         std::thread::Builder::new()
             .name("uploader".into())
             .spawn(move || up.run(&stop))
@@ -178,7 +179,7 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         closed.epoch, closed.blocks
     );
     let mut up = plan.uploader(tracker.clone())?;
-    eprintln!("foresnap: {}", plan.describe());
+    eprintln!("foresnap: {}", plan.describe(&up));
     let mut out = std::io::stdout().lock();
     while let Some(r) = up.upload_next()? {
         print_report(&mut out, &r, &plan.dest.url())?;
