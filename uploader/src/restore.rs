@@ -462,7 +462,8 @@ fn open_target(out: &Path, volume_bytes: u64) -> Result<(File, bool), SnapshotEr
     }
 }
 
-/// Restores `manifest`'s snapshot into `out` (see [`open_target`]) with up
+/// Restores `manifest`'s snapshot into `out` (a new sparse file, or a
+/// block device at least as large as the volume, opened exclusively) with up
 /// to `workers` threads fetching chunks at once. `progress(done, total)` is
 /// called after each chunk, `done` ascending. Every object is verified
 /// before use; a damaged or missing object fails the restore, naming it,
