@@ -397,7 +397,8 @@ fn uploaded_snapshots_restore_bit_exact() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("File exists"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("never over a file"), "{err}");
     d.stop();
     assert_no_ublk_devices();
 }
