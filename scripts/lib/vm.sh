@@ -231,6 +231,11 @@ mount -t 9p -o "$O9P,ro,cache=$ROOTCACHE" hostroot /host || fail "mounting host 
 mount -t proc proc /host/proc || fail "mount /host/proc"
 mount -t sysfs sysfs /host/sys || fail "mount /host/sys"
 mount -t devtmpfs devtmpfs /host/dev || fail "mount /host/dev"
+# devtmpfs has no /dev/fd and /dev/std*: bash's process substitution needs /dev/fd.
+ln -sfn /proc/self/fd /host/dev/fd
+ln -sfn /proc/self/fd/0 /host/dev/stdin
+ln -sfn /proc/self/fd/1 /host/dev/stdout
+ln -sfn /proc/self/fd/2 /host/dev/stderr
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /host/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
