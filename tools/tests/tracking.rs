@@ -383,6 +383,41 @@ fn uploaded_snapshots_restore_bit_exact() {
             "snapshot {id} does not restore to the image at its close"
         );
     }
+    // Onto a block device holding other data: every chunk is written,
+    // those never uploaded as zeroes, and verify finds nothing wrong.
+    let lo_file = dir.path().join("lo.img");
+    sh(&format!(
+        "head -c {} /dev/urandom > {}",
+        std::fs::metadata(&image1).unwrap().len() + (1 << 20),
+        lo_file.display()
+    ));
+    let lo = sh(&format!("losetup -f --show {}", lo_file.display()));
+    let lo = lo.trim();
+    let o = foresnap()
+        .args([
+            "restore",
+            "--dest",
+            &dest,
+            "--volume",
+            "db",
+            "--snapshot",
+            "1",
+            "--to",
+            lo,
+        ])
+        .output()
+        .unwrap();
+    let restored = sh(&format!(
+        "cmp -n $(stat -c %s {img}) {img} {lo} && echo same; losetup -d {lo}",
+        img = image1.display()
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(restored.contains("same"), "snapshot 1 on {lo}: {restored}");
+    let o = foresnap()
+        .args(["verify", "--dest", &dest, "--volume", "db"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Uploaded epochs are finished: nothing awaits upload any more.
     let status = sh(&format!(
         "{} status --control {}",
