@@ -12,9 +12,13 @@
 //!   a 412 answer means the key exists). Objects above
 //!   [`MULTIPART_THRESHOLD`] go up in parts, concurrently, and the
 //!   completion is conditional as well; a failed multipart upload is
-//!   aborted. A server that ignores `If-None-Match` would let a second
-//!   writer replace an object; keys are deterministic and their content
-//!   verified on every read, so such a replacement can never pass as data.
+//!   aborted. Between *concurrent* writers of one key this is only as
+//!   atomic as the server: seen in this project's tests, SeaweedFS 4.48
+//!   gave one winner among racing puts but several among racing multipart
+//!   completions, and s3s-fs 0.14.1 (check, then rename) let most racers
+//!   through. One process writes a volume's keys (its ring is locked),
+//!   keys are deterministic and content is verified on every read, so a
+//!   replacement by a racing writer can never pass as data.
 //! - Retries: the SDK's standard mode (exponential backoff with full
 //!   jitter, [`MAX_ATTEMPTS`] attempts) for throttling, 5xx and transport
 //!   errors; the upload engine backs off and retries whole objects above
