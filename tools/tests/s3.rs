@@ -12,15 +12,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::foresnap;
+use common::{foresnap, run};
 use foresnap_driver::tracking::Geometry;
-use foresnap_driver::tracking::tracker::{Begin, Tracker, TrackerConfig};
+use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
 use foresnap_uploader::dest::{DestError, Destination, DirDestination};
 use foresnap_uploader::engine::Uploader;
 use foresnap_uploader::format::{Codec, Keys};
@@ -179,17 +178,6 @@ fn contract(s: &Server) {
     assert!(e.to_string().contains("open bucket"), "{}: {e}", s.kind);
 }
 
-fn write(t: &Tracker, vol: &std::fs::File, off: u64, data: &[u8]) {
-    let mut cow = Vec::new();
-    let len = u32::try_from(data.len()).unwrap();
-    assert_eq!(
-        t.begin_write(0, off, len, false, false, &mut cow),
-        Begin::Go
-    );
-    vol.write_all_at(data, off).unwrap();
-    t.end_write(0, off, len);
-}
-
 /// Random writes, close snapshot 1, more writes, close snapshot 2; both
 /// uploaded by the worker pool to the server and to a directory; each
 /// restores bit-exact from both, and verify finds nothing wrong. Then
@@ -227,7 +215,7 @@ fn snapshots_restore_bit_exact(s: &Server) {
         .collect();
     let write_both = |off: u64, data: &[u8]| {
         for (t, vol, _) in &vols {
-            write(t, vol, off, data);
+            t.write_volume(vol, off, data).unwrap();
         }
     };
 
@@ -364,25 +352,12 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
         d.list("kv/manifests/").unwrap().is_empty(),
         "a half snapshot is listed"
     );
-    let out = s
+    let listed = run(s
         .foresnap()
-        .args(["snapshots", "--volume", "kv", "--dest", &url])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(
-        out.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+        .args(["snapshots", "--volume", "kv", "--dest", &url]));
+    assert!(listed.is_empty(), "{listed}");
 
-    let out = backup().output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = run(&mut backup());
     assert!(text.contains("snapshot 1 uploaded"), "{text}");
     let reused: u64 = text
         .split(", ")
@@ -392,37 +367,15 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
     assert!(reused >= stored as u64 - 1, "{text}");
 
     let restored = dir.path().join("restored");
-    let out = s
+    run(s
         .foresnap()
-        .args([
-            "restore",
-            "--volume",
-            "kv",
-            "--snapshot",
-            "latest",
-            "--dest",
-            &url,
-            "--to",
-        ])
-        .arg(&restored)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["restore", "--volume", "kv", "--snapshot", "latest"])
+        .args(["--dest", &url, "--to"])
+        .arg(&restored));
     assert!(std::fs::read(&restored).unwrap() == image);
-    let out = s
+    run(s
         .foresnap()
-        .args(["verify", "--volume", "kv", "--dest", &url])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(["verify", "--volume", "kv", "--dest", &url]));
 }
 
 fn all_scenarios(kind: &'static str) {

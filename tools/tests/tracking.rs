@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Daemon, assert_no_ublk_devices, foresnap, require_ublk, scratch, sh, sh_output};
+use common::{Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh, sh_output};
 
 const BS: u64 = 4096;
 
@@ -359,25 +359,11 @@ fn uploaded_snapshots_restore_bit_exact() {
     wait_uploaded(&dest, "db", 2);
     for (id, image) in [(1, &image1), (2, &image2)] {
         let out = dir.path().join(format!("restored{id}"));
-        let o = foresnap()
-            .args([
-                "restore",
-                "--dest",
-                &dest,
-                "--volume",
-                "db",
-                "--snapshot",
-                &id.to_string(),
-                "--out",
-            ])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "restore {id}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        run(foresnap()
+            .args(["restore", "--dest", &dest, "--volume", "db", "--snapshot"])
+            .arg(id.to_string())
+            .arg("--out")
+            .arg(&out));
         assert!(
             read_all(&out) == read_all(image),
             "snapshot {id} does not restore to the image at its close"
@@ -407,17 +393,14 @@ fn uploaded_snapshots_restore_bit_exact() {
         ])
         .output()
         .unwrap();
+    // The loop device goes before any assertion can fail.
     let restored = sh(&format!(
         "cmp -n $(stat -c %s {img}) {img} {lo} && echo same; losetup -d {lo}",
         img = image1.display()
     ));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(restored.contains("same"), "snapshot 1 on {lo}: {restored}");
-    let o = foresnap()
-        .args(["verify", "--dest", &dest, "--volume", "db"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run(foresnap().args(["verify", "--dest", &dest, "--volume", "db"]));
     // Uploaded epochs are finished: nothing awaits upload any more.
     let status = sh(&format!(
         "{} status --control {}",

@@ -414,20 +414,36 @@ mod tests {
     use crate::dest::DirDestination;
     use crate::restore::restore_image;
     use foresnap_driver::tracking::Geometry;
-    use foresnap_driver::tracking::tracker::{Begin, TrackerConfig};
-    use std::os::unix::fs::FileExt;
+    use foresnap_driver::tracking::tracker::TrackerConfig;
 
     const MIB: u64 = 1 << 20;
 
     fn write(t: &Tracker, vol: &std::fs::File, off: u64, data: &[u8]) {
-        let mut cow = Vec::new();
-        let len = u32::try_from(data.len()).unwrap();
-        assert_eq!(
-            t.begin_write(0, off, len, false, false, &mut cow),
-            Begin::Go
-        );
-        vol.write_all_at(data, off).unwrap();
-        t.end_write(0, off, len);
+        t.write_volume(vol, off, data).unwrap();
+    }
+
+    /// A `size`-byte volume file in `dir`, open for writing, with a new
+    /// tracker (1 MiB ring, 4 KiB blocks, one queue) over it.
+    pub(super) fn tracked_volume(
+        dir: &std::path::Path,
+        size: u64,
+    ) -> (Arc<Tracker>, std::fs::File, TrackerConfig) {
+        let vp = dir.join("vol");
+        let vol = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&vp)
+            .unwrap();
+        vol.set_len(size).unwrap();
+        let cfg = TrackerConfig {
+            ring: dir.join("ring"),
+            ring_bytes: 1 << 20,
+            geometry: Geometry::default(),
+        };
+        let (t, _) = Tracker::open(&cfg, &vp, size, 1).unwrap();
+        (Arc::new(t), vol, cfg)
     }
 
     /// Epochs upload oldest first and restore exactly to the images at
@@ -438,22 +454,8 @@ mod tests {
     fn epochs_upload_and_restore_exactly() {
         let dir = tempfile::tempdir().unwrap();
         let vp = dir.path().join("vol");
-        let vol = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&vp)
-            .unwrap();
         let size = 3 * MIB + 8192;
-        vol.set_len(size).unwrap();
-        let cfg = TrackerConfig {
-            ring: dir.path().join("ring"),
-            ring_bytes: 1 << 20,
-            geometry: Geometry::default(),
-        };
-        let (t, _) = Tracker::open(&cfg, &vp, size, 1).unwrap();
-        let t = Arc::new(t);
+        let (t, vol, cfg) = tracked_volume(dir.path(), size);
         let dest: Arc<dyn Destination> =
             Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
         let keys = Keys::new("v").unwrap();
@@ -537,15 +539,7 @@ mod tests {
     #[test]
     fn the_memory_bound_caps_the_workers() {
         let dir = tempfile::tempdir().unwrap();
-        let vp = dir.path().join("vol");
-        std::fs::File::create(&vp).unwrap().set_len(MIB).unwrap();
-        let cfg = TrackerConfig {
-            ring: dir.path().join("ring"),
-            ring_bytes: 1 << 20,
-            geometry: Geometry::default(),
-        };
-        let (t, _) = Tracker::open(&cfg, &vp, MIB, 1).unwrap();
-        let t = Arc::new(t);
+        let (t, _, _) = tracked_volume(dir.path(), MIB);
         let dest: Arc<dyn Destination> =
             Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
         let up = |chunk: u32, workers: usize, memory: u64| {
@@ -577,8 +571,7 @@ mod stuck_destination {
     //! Invariant 6 of DESIGN.md: the I/O path never waits on the network.
     use super::*;
     use crate::dest::DirDestination;
-    use foresnap_driver::tracking::Geometry;
-    use foresnap_driver::tracking::tracker::{Begin, TrackerConfig};
+    use foresnap_driver::tracking::tracker::Begin;
     use std::sync::mpsc;
 
     /// A destination whose puts hang until released: a network that
@@ -620,18 +613,7 @@ mod stuck_destination {
     #[test]
     fn writes_and_closes_go_on_while_the_destination_hangs() {
         let dir = tempfile::tempdir().unwrap();
-        let vp = dir.path().join("vol");
-        std::fs::File::create(&vp)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
-        let cfg = TrackerConfig {
-            ring: dir.path().join("ring"),
-            ring_bytes: 1 << 20,
-            geometry: Geometry::default(),
-        };
-        let (t, _) = Tracker::open(&cfg, &vp, 8 << 20, 1).unwrap();
-        let t = Arc::new(t);
+        let (t, _, _) = super::tests::tracked_volume(dir.path(), 8 << 20);
         let stuck = Arc::new(Stuck {
             inner: DirDestination::open(&dir.path().join("dest")).unwrap(),
             gate: std::sync::Mutex::new(false),

@@ -706,6 +706,24 @@ impl Tracker {
         self.gate.exit(qid);
     }
 
+    /// A write to the volume from outside a device (offline tools and
+    /// tests), tracked exactly as a device write on queue 0: begun (marked,
+    /// copied on write, recorded), written to `volume` (the backing, open
+    /// for writing), ended. Waits while a close is in progress. Not for a
+    /// tracker a device serves: queue 0 is then the device's.
+    pub fn write_volume(&self, volume: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidInput, "one write of 4 GiB or more")
+        })?;
+        let mut cow = Vec::new();
+        while self.begin_write(0, offset, len, false, false, &mut cow) == Begin::Defer {
+            std::thread::yield_now();
+        }
+        let done = volume.write_all_at(data, offset);
+        self.end_write(0, offset, len);
+        done
+    }
+
     /// The ring is full: record the write in the overflow bitmap.
     fn overflow(&self, epoch: u32, offset: u64, len: u64) {
         let (first, last) = self.map.block_range(offset, len);

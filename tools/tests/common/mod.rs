@@ -83,22 +83,25 @@ pub fn assert_no_ublk_devices() {
     }
 }
 
-/// Runs `sh -c script`, failing the test with its output unless it
-/// succeeds; returns stdout.
-pub fn sh(script: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(script)
+/// Runs `cmd`, failing the test with its output unless it succeeds;
+/// returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
         .output()
-        .expect("spawn sh");
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "command failed ({}): {script}\nstdout:\n{}\nstderr:\n{}",
+        "command failed ({}): {cmd:?}\nstdout:\n{}\nstderr:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `sh -c script` like [`run`].
+pub fn sh(script: &str) -> String {
+    run(Command::new("sh").arg("-c").arg(script))
 }
 
 /// Runs `sh -c script` and returns its whole output, success or not.
