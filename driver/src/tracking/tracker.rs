@@ -954,6 +954,34 @@ impl Tracker {
         )))
     }
 
+    /// Uploader, before the close: reads the volume's current content of
+    /// `block` into `buf` (one tracking block). Take
+    /// [`DirtyMap::chunk_version`] before and hand it to
+    /// [`Tracker::ack_open`] after storing the content: only then is it
+    /// known to be the block's latest.
+    pub fn read_open(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = usize::try_from(self.block_bytes).unwrap_or(usize::MAX);
+        let buf = buf.get_mut(..len).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer smaller than a tracking block",
+            )
+        })?;
+        read_block(&self.volume, buf, block * self.block_bytes)
+    }
+
+    /// Uploader, before the close: blocks `[first, last]` of one chunk,
+    /// read at chunk version `version` while `epoch` was open, are stored
+    /// at the destination. Marks them uploaded ([`DirtyMap::ack_open`])
+    /// if `epoch` is still the open epoch and no write started on the
+    /// chunk since; `false` otherwise (the stored copy must not be
+    /// credited: the blocks stay pending). Serialized with closes, so the
+    /// credit never lands in the wrong epoch.
+    pub fn ack_open(&self, epoch: u32, first: u64, last: u64, version: u64) -> bool {
+        let _serial = lock(&self.close_lock);
+        self.open_epoch() == epoch && self.map.ack_open(first, last, version)
+    }
+
     /// The uploader has `block`'s content of `epoch` durably at its
     /// destination: frees its preserve slot or lets writes overwrite it
     /// without a copy.
