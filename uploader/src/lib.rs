@@ -14,6 +14,9 @@ pub mod format;
 pub mod restore;
 #[cfg(feature = "s3")]
 pub mod s3;
+pub mod schedule;
+pub mod trace;
+pub mod units;
 
 pub use dest::{DestError, Destination, DirDestination};
 pub use engine::Uploader;
