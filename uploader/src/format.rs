@@ -56,13 +56,29 @@
 //! references start with at most one chunk object, followed by deltas; a
 //! snapshot references the unchanged chunks of earlier snapshots by naming
 //! their objects, so restoring one snapshot needs only its manifest.
+//!
+//! # Manifests (version 2): parts uploaded before the close
+//!
+//! Predictive upload stores blocks of a snapshot *before* its close, as
+//! delta objects called *parts*, each under a part number of its own
+//! (several parts of one chunk may be stored while the epoch is open, and
+//! the close may still add the snapshot's own delta). Version 2 is version
+//! 1 with references of 9 bytes: snapshot id u32, kind u8, part number u32
+//! (0: the snapshot's own object, stored at or after the close; a part
+//! number is never 0 and is only ever a delta). References stay oldest
+//! first: parts in the order they were stored, then the snapshot's own
+//! delta. A manifest without parts is written as version 1, so that a
+//! snapshot taken without predictive upload stays readable by older
+//! builds; both versions are read.
 
 /// Magic of a data object.
 pub const OBJECT_MAGIC: [u8; 8] = *b"FSNPOBJ\0";
 /// Magic of a manifest.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"FSNPMANI";
-/// Format version of both.
+/// Format version of data objects, and of manifests without parts.
 pub const VERSION: u32 = 1;
+/// Format version of manifests that reference parts (module doc).
+pub const MANIFEST_VERSION_PARTS: u32 = 2;
 /// Bytes of an object header.
 pub const OBJECT_HEADER_BYTES: usize = 64;
 /// Largest chunk: 64 MiB.
@@ -82,7 +98,8 @@ pub enum FormatError {
     #[error("not a foresnap {0} (bad magic)")]
     Magic(&'static str),
     #[error(
-        "{what} format version {version} is not supported (this build reads version {VERSION})"
+        "{what} format version {version} is not supported (this build reads objects of \
+         version 1 and manifests of versions 1 and 2)"
     )]
     Version { what: &'static str, version: u32 },
     #[error("{0} is corrupt: checksum mismatch")]
@@ -395,6 +412,30 @@ pub fn decode_object(bytes: &[u8], max_chunk_bytes: u32) -> Result<Object, Forma
 pub struct ObjectRef {
     pub snapshot: u32,
     pub kind: ObjectKind,
+    /// 0: the snapshot's own object; otherwise a part stored before the
+    /// close (always a delta; module doc).
+    pub part: u32,
+}
+
+impl ObjectRef {
+    /// The snapshot's own object of `kind` (not a part).
+    pub fn own(snapshot: u32, kind: ObjectKind) -> ObjectRef {
+        ObjectRef {
+            snapshot,
+            kind,
+            part: 0,
+        }
+    }
+
+    /// Part `part` (non-zero) of `snapshot`: a delta stored before the close.
+    pub fn part(snapshot: u32, part: u32) -> ObjectRef {
+        debug_assert_ne!(part, 0, "part 0 is the snapshot's own object");
+        ObjectRef {
+            snapshot,
+            kind: ObjectKind::Delta,
+            part,
+        }
+    }
 }
 
 /// A snapshot's manifest (module doc).
@@ -424,12 +465,23 @@ impl Manifest {
         self.volume_bytes.saturating_sub(c * cb).min(cb)
     }
 
+    /// Whether any reference is a part (the manifest needs version 2).
+    pub fn has_parts(&self) -> bool {
+        self.chunks.iter().flatten().any(|r| r.part != 0)
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let refs: usize = self.chunks.iter().map(Vec::len).sum();
+        let parts = self.has_parts();
+        let (version, ref_bytes) = if parts {
+            (MANIFEST_VERSION_PARTS, 9)
+        } else {
+            (VERSION, 5)
+        };
         let mut out =
-            Vec::with_capacity(MANIFEST_FIXED_BYTES + 2 * self.chunks.len() + 5 * refs + 4);
+            Vec::with_capacity(MANIFEST_FIXED_BYTES + 2 * self.chunks.len() + ref_bytes * refs + 4);
         out.extend_from_slice(&MANIFEST_MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&[0; 4]);
         out.extend_from_slice(&self.volume_id);
         out.extend_from_slice(&self.snapshot.to_le_bytes());
@@ -445,6 +497,9 @@ impl Manifest {
             for r in &c[..n] {
                 out.extend_from_slice(&r.snapshot.to_le_bytes());
                 out.push(r.kind.code());
+                if parts {
+                    out.extend_from_slice(&r.part.to_le_bytes());
+                }
             }
         }
         let crc = crc32c::crc32c(&out);
@@ -466,12 +521,16 @@ impl Manifest {
             return Err(FormatError::Truncated(WHAT));
         }
         let version = le_u32(bytes, 8);
-        if version != VERSION {
-            return Err(FormatError::Version {
-                what: WHAT,
-                version,
-            });
-        }
+        let ref_bytes = match version {
+            VERSION => 5,
+            MANIFEST_VERSION_PARTS => 9,
+            _ => {
+                return Err(FormatError::Version {
+                    what: WHAT,
+                    version,
+                });
+            }
+        };
         let body = bytes.len() - 4;
         if crc32c::crc32c(&bytes[..body]) != le_u32(bytes, body) {
             return Err(FormatError::Checksum(WHAT));
@@ -507,21 +566,32 @@ impl Manifest {
             }
             let n = usize::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
             at += 2;
-            if at + 5 * n > body {
+            if at + ref_bytes * n > body {
                 return Err(FormatError::Truncated(WHAT));
             }
             let mut refs = Vec::with_capacity(n);
             for i in 0..n {
-                let p = at + 5 * i;
+                let p = at + ref_bytes * i;
                 refs.push(ObjectRef {
                     snapshot: le_u32(bytes, p),
                     kind: ObjectKind::from_code(bytes[p + 4]).ok_or(bad("unknown object kind"))?,
+                    part: if ref_bytes == 9 {
+                        le_u32(bytes, p + 5)
+                    } else {
+                        0
+                    },
                 });
             }
             if refs.iter().skip(1).any(|r| r.kind == ObjectKind::Chunk) {
                 return Err(bad("a chunk object after the first reference"));
             }
-            at += 5 * n;
+            if refs
+                .iter()
+                .any(|r| r.part != 0 && r.kind != ObjectKind::Delta)
+            {
+                return Err(bad("a part that is not a delta"));
+            }
+            at += ref_bytes * n;
             chunks.push(refs);
         }
         if at != body {
@@ -589,14 +659,25 @@ impl Keys {
         format!("{}/manifests/{snapshot:010}", self.prefix)
     }
 
-    /// The key of an object: sorted by chunk, then snapshot.
+    /// The key of an object: sorted by chunk, then snapshot; a part's key
+    /// carries its part number (`.../0000000012.p0000000007.delta`).
     pub fn object(&self, chunk: u64, r: ObjectRef) -> String {
-        format!(
-            "{}/objects/{chunk:012}/{:010}.{}",
-            self.prefix,
-            r.snapshot,
-            r.kind.suffix()
-        )
+        if r.part == 0 {
+            format!(
+                "{}/objects/{chunk:012}/{:010}.{}",
+                self.prefix,
+                r.snapshot,
+                r.kind.suffix()
+            )
+        } else {
+            format!(
+                "{}/objects/{chunk:012}/{:010}.p{:010}.{}",
+                self.prefix,
+                r.snapshot,
+                r.part,
+                r.kind.suffix()
+            )
+        }
     }
 
     /// The snapshot ids whose manifests `keys` (a listing) holds, sorted.
@@ -707,7 +788,7 @@ mod tests {
     }
 
     fn manifest() -> Manifest {
-        let r = |snapshot, kind| ObjectRef { snapshot, kind };
+        let r = ObjectRef::own;
         Manifest {
             volume_id: [0x5a; 16],
             snapshot: 3,
@@ -752,6 +833,50 @@ mod tests {
         }
     }
 
+    /// A manifest with parts is version 2 (9-byte references), round-trips
+    /// and refuses damage; one without stays version 1, byte for byte as
+    /// version 1 was written (read by the same decoder).
+    #[test]
+    fn version_2_manifests_carry_parts() {
+        let mut m = manifest();
+        assert!(!m.has_parts());
+        assert_eq!(&m.encode()[8..12], &1u32.to_le_bytes());
+        m.chunks[0].insert(2, ObjectRef::part(3, 7));
+        m.chunks[3].push(ObjectRef::part(3, 0xdead_beef));
+        let bytes = m.encode();
+        assert_eq!(&bytes[8..12], &2u32.to_le_bytes());
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        // Chunk 0's refs: count 4, then 9 bytes each; the part is third.
+        assert_eq!(&bytes[72..74], &4u16.to_le_bytes());
+        assert_eq!(&bytes[74 + 18..74 + 27], &[3, 0, 0, 0, 2, 7, 0, 0, 0]);
+        assert_eq!(bytes.len(), 72 + (2 + 36) + 2 + (2 + 9) + (2 + 18) + 4);
+        for bit in (0..bytes.len() * 8).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                Manifest::decode(&bad).is_err(),
+                "flip of bit {bit} accepted"
+            );
+        }
+        // A part that claims to be a chunk object is refused.
+        let mut wrong = m.clone();
+        wrong.chunks[2][0].part = 1;
+        assert!(matches!(
+            Manifest::decode(&wrong.encode()),
+            Err(FormatError::Inconsistent { .. })
+        ));
+        // Version 3 is not this build's.
+        let mut v3 = bytes.clone();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let body = v3.len() - 4;
+        let crc = crc32c::crc32c(&v3[..body]);
+        v3[body..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Manifest::decode(&v3),
+            Err(FormatError::Version { version: 3, .. })
+        ));
+    }
+
     /// The byte layouts documented above, pinned.
     #[test]
     fn version_1_layouts_are_pinned() {
@@ -774,11 +899,12 @@ mod tests {
         assert_eq!(&m[74..79], &[1, 0, 0, 0, 1]);
         assert_eq!(m.len(), 72 + 2 + 15 + 2 + 2 + 5 + 2 + 5 + 4);
         let k = Keys::new("db-1").unwrap();
-        let r = ObjectRef {
-            snapshot: 12,
-            kind: ObjectKind::Delta,
-        };
+        let r = ObjectRef::own(12, ObjectKind::Delta);
         assert_eq!(k.object(5, r), "db-1/objects/000000000005/0000000012.delta");
+        assert_eq!(
+            k.object(5, ObjectRef::part(12, 7)),
+            "db-1/objects/000000000005/0000000012.p0000000007.delta"
+        );
         assert_eq!(k.manifest(7), "db-1/manifests/0000000007");
         let listing = [
             "db-1/manifests/0000000007".to_owned(),

@@ -190,10 +190,7 @@ impl<'d> SnapshotWriter<'d> {
     /// Stores chunk `chunk` whole (`data`: its bytes).
     pub fn put_chunk(&self, chunk: u64, data: &[u8]) -> Result<(), SnapshotError> {
         let c = self.chunk_index(chunk)?;
-        let r = ObjectRef {
-            snapshot: self.snapshot,
-            kind: ObjectKind::Chunk,
-        };
+        let r = ObjectRef::own(self.snapshot, ObjectKind::Chunk);
         let bytes = encode_chunk(
             chunk,
             self.block_bytes,
@@ -210,10 +207,7 @@ impl<'d> SnapshotWriter<'d> {
     /// chunk's earlier objects.
     pub fn put_delta(&self, chunk: u64, blocks: &[(u32, &[u8])]) -> Result<(), SnapshotError> {
         let c = self.chunk_index(chunk)?;
-        let r = ObjectRef {
-            snapshot: self.snapshot,
-            kind: ObjectKind::Delta,
-        };
+        let r = ObjectRef::own(self.snapshot, ObjectKind::Delta);
         let earlier: Vec<ObjectRef> = self.lock().chunks[c]
             .iter()
             .copied()
@@ -250,11 +244,14 @@ impl<'d> SnapshotWriter<'d> {
         earlier: &[ObjectRef],
         blocks: &[(u32, &[u8])],
     ) -> Result<(), SnapshotError> {
+        // Everything before this snapshot's own objects: the parent's and
+        // the parts stored before the close (a previous attempt's own
+        // object is superseded by the chunk object made here).
         let own = self.snapshot;
         let refs: Vec<ObjectRef> = earlier
             .iter()
             .copied()
-            .filter(|r| r.snapshot != own)
+            .filter(|r| !(r.snapshot == own && r.part == 0))
             .collect();
         let shape = self.shape();
         let mut buf = Vec::new();
@@ -269,6 +266,39 @@ impl<'d> SnapshotWriter<'d> {
         }
         self.put_chunk(chunk, &buf)?;
         self.compacted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Takes `parts` (stored before the close with [`store_part`], oldest
+    /// first) into chunk `chunk`'s references, after the parent's objects
+    /// and before this snapshot's own delta. A chain that grows past the
+    /// delta bound is folded into a fresh chunk object, as for
+    /// [`SnapshotWriter::put_delta`].
+    pub fn adopt_parts(&self, chunk: u64, parts: &[ObjectRef]) -> Result<(), SnapshotError> {
+        let c = self.chunk_index(chunk)?;
+        if parts
+            .iter()
+            .any(|r| r.part == 0 || r.snapshot != self.snapshot)
+        {
+            return Err(SnapshotError::Mismatch {
+                key: self.keys.object(chunk, parts[0]),
+                why: "not a part of this snapshot".into(),
+            });
+        }
+        let chain = {
+            let mut m = self.lock();
+            let refs = &mut m.chunks[c];
+            for p in parts {
+                if !refs.contains(p) {
+                    refs.push(*p);
+                }
+            }
+            refs.clone()
+        };
+        let deltas = chain.iter().filter(|x| x.kind == ObjectKind::Delta).count();
+        if deltas > self.max_deltas {
+            return self.compact(chunk, &chain, &[]);
+        }
         Ok(())
     }
 
@@ -315,6 +345,29 @@ impl<'d> SnapshotWriter<'d> {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Stores a part of snapshot `r.snapshot` before its close: the blocks
+/// `blocks` (index within the chunk, content) of chunk `chunk`, as a delta
+/// under part number `r.part`. Unlike the snapshot's own objects, an
+/// existing part is never taken over (it may hold older content, stored
+/// before a crash): [`DestError::AlreadyExists`] comes back, and the
+/// caller stores under another part number. Returns the bytes sent.
+#[allow(clippy::too_many_arguments)]
+pub fn store_part(
+    dest: &dyn Destination,
+    keys: &Keys,
+    chunk: u64,
+    r: ObjectRef,
+    block_bytes: u32,
+    blocks_per_chunk: u32,
+    blocks: &[(u32, &[u8])],
+    codec: Codec,
+) -> Result<u64, DestError> {
+    debug_assert!(r.part != 0 && r.kind == ObjectKind::Delta);
+    let bytes = encode_delta(chunk, block_bytes, blocks_per_chunk, blocks, codec);
+    dest.put(&keys.object(chunk, r), &bytes)?;
+    Ok(bytes.len() as u64)
 }
 
 /// Reads and verifies the manifest of `snapshot`.
@@ -686,13 +739,7 @@ mod tests {
         }
 
         // A damaged object fails the restore and names the object.
-        let key = keys().object(
-            0,
-            ObjectRef {
-                snapshot: 2,
-                kind: ObjectKind::Delta,
-            },
-        );
+        let key = keys().object(0, ObjectRef::own(2, ObjectKind::Delta));
         let path = dir.path().join("dest").join(&key);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
@@ -738,7 +785,7 @@ mod tests {
         assert_eq!((r.objects, r.problems.len()), (4, 0), "{r:?}");
 
         let obj = |c: u64, snapshot: u32, kind: ObjectKind| {
-            keys().object(c, ObjectRef { snapshot, kind })
+            keys().object(c, ObjectRef::own(snapshot, kind))
         };
         let flip = obj(0, 1, ObjectKind::Chunk);
         let cut = obj(1, 2, ObjectKind::Delta);
