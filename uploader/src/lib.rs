@@ -11,10 +11,13 @@
 pub mod dest;
 pub mod engine;
 pub mod format;
+pub mod link;
+pub mod plan;
 pub mod restore;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod schedule;
+pub mod simulate;
 pub mod trace;
 pub mod units;
 
