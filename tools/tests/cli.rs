@@ -74,3 +74,207 @@ fn kernel_without_ublk_is_reported() {
         "a backing file was created for a device that cannot exist"
     );
 }
+
+/// A small fio iolog: 64 KiB writes every 100 ms for `secs` seconds over
+/// 8 MiB, with a hot 64 KiB rewritten in between.
+fn iolog(dir: &std::path::Path, secs: u64) -> std::path::PathBuf {
+    let mut s = String::from("fio version 3 iolog\n0 /dev/x add\n0 /dev/x open\n");
+    for i in 0..secs * 10 {
+        let t = i * 100_000;
+        s.push_str(&format!("{t} /dev/x write {} 65536\n", (i % 128) * 65536));
+        s.push_str(&format!("{} /dev/x write 0 65536\n", t + 50_000));
+    }
+    let p = dir.join("t.iolog");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+/// `simulate` prints one JSON object with the keys the evaluation reads,
+/// and at-close's lag is the epoch's distinct bytes over the link.
+#[test]
+fn simulate_reports_snapshots_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = iolog(dir.path(), 40);
+    let run = |policy: &str| {
+        let out = foresnap()
+            .args(["simulate", "--trace"])
+            .arg(&trace)
+            .args([
+                "--link", "1MiB/s", "--every", "10s", "--policy", policy, "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let at_close = run("at-close");
+    let snaps = at_close["snapshots"].as_array().unwrap();
+    assert_eq!(
+        snaps.len(),
+        3,
+        "closes at 10, 20, 30 s; 40 s is past the end"
+    );
+    // 100 writes of 64 KiB over 128 slots: 100 distinct, 6.25 MiB, plus
+    // slot 0 (already among them in the first interval).
+    let first = &snaps[0];
+    assert_eq!(first["minimal_bytes"], 100 * 65536);
+    assert!(
+        (first["lag_s"].as_f64().unwrap() - 6.25).abs() < 1e-6,
+        "{first}"
+    );
+    for key in [
+        "median_lag_s",
+        "p95_lag_s",
+        "bytes_uploaded",
+        "minimal_bytes",
+        "amplification",
+        "link_busy",
+    ] {
+        assert!(at_close["summary"][key].is_number(), "summary lacks {key}");
+    }
+    for policy in ["predictive", "oracle"] {
+        let v = run(policy);
+        let lag = v["summary"]["median_lag_s"].as_f64().unwrap();
+        assert!(
+            lag < at_close["summary"]["median_lag_s"].as_f64().unwrap(),
+            "{policy}: {lag}"
+        );
+    }
+    // The table and the timeline.
+    let tl = dir.path().join("tl.csv");
+    let out = foresnap()
+        .args(["simulate", "--trace"])
+        .arg(&trace)
+        .args([
+            "--link",
+            "1048576",
+            "--every",
+            "10s",
+            "--policy",
+            "predictive",
+            "--timeline",
+        ])
+        .arg(&tl)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("lag median"));
+    let csv = std::fs::read_to_string(&tl).unwrap();
+    assert!(csv.starts_with("t_s,uploaded_bytes,outstanding_bytes,event"));
+    assert!(csv.contains("close:1") && csv.contains("complete:3"));
+}
+
+/// Bad traces and bad values: one line each, naming the problem.
+#[test]
+fn simulate_refuses_bad_input_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = iolog(dir.path(), 5);
+    let t = trace.to_str().unwrap();
+    let base = [
+        "simulate", "--trace", t, "--every", "1s", "--policy", "at-close",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| (*s).to_owned()).collect()
+    };
+    let err = |args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        one_line_error(&a)
+    };
+    assert!(err(with(&["--link", "fast"])).contains("invalid rate 'fast'"));
+    assert!(err(with(&["--link", "0"])).contains("invalid rate"));
+    let e = one_line_error(&[
+        "simulate", "--trace", t, "--link", "1M", "--every", "1s", "--policy", "lazy",
+    ]);
+    assert!(
+        e.contains("invalid policy 'lazy'") && e.contains("oracle"),
+        "{e}"
+    );
+    assert!(err(with(&["--link", "1M", "--pt", "3"])).contains("--pt"));
+    assert!(err(with(&["--link", "1M", "--format", "csv"])).contains("csv"));
+    let bad = dir.path().join("bad.iolog");
+    std::fs::write(
+        &bad,
+        "fio version 3 iolog\n0 /dev/x add\n5 /dev/x write 12x 4096\n",
+    )
+    .unwrap();
+    let e = one_line_error(&[
+        "simulate",
+        "--trace",
+        bad.to_str().unwrap(),
+        "--link",
+        "1M",
+        "--every",
+        "1s",
+        "--policy",
+        "oracle",
+    ]);
+    assert!(e.contains("line 3") && e.contains("12x"), "{e}");
+    let e = one_line_error(&[
+        "simulate", "--trace", t, "--link", "1M", "--every", "1h", "--policy", "oracle",
+    ]);
+    assert!(e.contains("shorter than one interval"), "{e}");
+    let e = one_line_error(&[
+        "simulate",
+        "--trace",
+        "/nonexistent/t.iolog",
+        "--link",
+        "1M",
+        "--every",
+        "1s",
+        "--policy",
+        "oracle",
+    ]);
+    assert!(e.contains("/nonexistent/t.iolog"), "{e}");
+}
+
+/// Schedule options are checked before anything else happens.
+#[test]
+fn serve_schedule_options_are_checked_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("d.img");
+    std::fs::write(&f, vec![0u8; 8192]).unwrap();
+    let f = f.to_str().unwrap();
+    let dest = format!("file://{}", dir.path().join("dest").display());
+    let e = one_line_error(&[
+        "serve",
+        "--backing",
+        f,
+        "--dest",
+        &dest,
+        "--schedule",
+        "0 0 30 2 *",
+    ]);
+    assert!(e.contains("never"), "{e}");
+    let e = one_line_error(&["serve", "--backing", f, "--dest", &dest, "--every", "soon"]);
+    assert!(e.contains("invalid interval"), "{e}");
+    let e = one_line_error(&["serve", "--backing", f, "--every", "15m"]);
+    assert!(e.contains("--dest"), "a schedule needs a destination: {e}");
+    let e = one_line_error(&[
+        "serve",
+        "--backing",
+        f,
+        "--dest",
+        &dest,
+        "--every",
+        "15m",
+        "--upload-cap",
+        "08:00-07:00=lots",
+    ]);
+    assert!(e.contains("invalid rate 'lots'"), "{e}");
+    let e = one_line_error(&[
+        "serve",
+        "--backing",
+        f,
+        "--dest",
+        &dest,
+        "--every",
+        "15m",
+        "--policy",
+        "later",
+    ]);
+    assert!(e.contains("predictive"), "{e}");
+}
