@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use foresnap_driver::{BlockSize, DeviceConfig, TrackingConfig, parse_size};
+use foresnap_uploader::link::CapSchedule;
+use foresnap_uploader::plan::{PlanConfig, Policy};
+use foresnap_uploader::schedule::Schedule;
+use foresnap_uploader::trace::TraceFormat;
+use foresnap_uploader::units::{parse_interval, parse_rate};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,7 +30,7 @@ pub enum Command {
         foresnap serve --backing /dev/nvme0n1p3 --queues 4 --depth 256\n\n\
         If the server of device --id N was killed, serving the same backing with\n\
         the same --id re-attaches to the device; its I/O waits meanwhile.")]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Close the open epoch of a serving device now: every write
     /// acknowledged before this point is in the snapshot, none after.
     /// Prints the snapshot's id.
@@ -77,6 +82,109 @@ pub enum Command {
     /// tracking blocks. For inspection and tests.
     #[command(after_help = "Examples:\n  foresnap export --snapshot 3 --out /tmp/snap3.img")]
     Export(ExportArgs),
+    /// Replay a block trace on a virtual clock through the real dirty map
+    /// and upload planner, over a link of a given rate, and report when
+    /// each scheduled snapshot would be complete (its lag after the
+    /// scheduled close) and how many bytes went up. A day of trace takes
+    /// seconds.
+    #[command(after_help = "Examples:\n  \
+        foresnap simulate --trace db.iolog --link 20MiB/s --every 15m --policy predictive\n  \
+        foresnap simulate --trace src1_0.csv --format msr --disk 0 --link 100Mbit/s --every 1h \\\n      \
+        --policy at-close --json\n  \
+        foresnap simulate --trace db.iolog --link 5MiB/s --every 90s --policy predictive \\\n      \
+        --k 3 --l 5 --pt 0.5 --timeline plan.csv\n\n\
+        Policies: predictive (start when TS < K*D/B + L, least likely overwritten first),\n\
+        at-close (start at the scheduled close: the baseline), eager (upload every write\n\
+        at once), oracle (knows the future: a lower bound on the lag).")]
+    Simulate(SimulateArgs),
+}
+
+/// The upload policy of `simulate`: the planner's, or the oracle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimPolicyArg {
+    Plan(Policy),
+    Oracle,
+}
+
+fn parse_sim_policy(s: &str) -> Result<SimPolicyArg, String> {
+    if s == "oracle" {
+        return Ok(SimPolicyArg::Oracle);
+    }
+    s.parse::<Policy>()
+        .map(SimPolicyArg::Plan)
+        .map_err(|_| format!("invalid policy '{s}': give predictive, at-close, eager or oracle"))
+}
+
+/// The planner's knobs (`serve`, `simulate`).
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Margin K of the start rule TS < K*D/B + L.
+    #[arg(long, value_name = "K", default_value_t = PlanConfig::default().k)]
+    pub k: f64,
+    /// Lead L of the start rule, seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = PlanConfig::default().l_s)]
+    pub l: f64,
+    /// Skip a chunk while the probability that it is overwritten before
+    /// the close is at least PT.
+    #[arg(long, value_name = "PT", default_value_t = PlanConfig::default().pt)]
+    pub pt: f64,
+}
+
+impl PlanArgs {
+    /// The planner's configuration for `policy`, checked.
+    pub fn config(&self, policy: Policy) -> Result<PlanConfig, String> {
+        let c = PlanConfig {
+            policy,
+            k: self.k,
+            l_s: self.l,
+            pt: self.pt,
+            ..PlanConfig::default()
+        };
+        c.validate().map(|()| c)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// The block trace: a fio iolog (version 3, as `fio --write_iolog`
+    /// and `foresnap trace` write it) or an MSR-Cambridge CSV.
+    #[arg(long, value_name = "FILE")]
+    pub trace: PathBuf,
+    /// The trace's format: fio or msr.
+    #[arg(long, value_name = "FORMAT", default_value = "fio")]
+    pub format: TraceFormat,
+    /// MSR traces: only this disk number [default: every disk, as one volume].
+    #[arg(long, value_name = "N")]
+    pub disk: Option<u32>,
+    /// The link's rate, bytes per second: 1048576, 20MiB/s, 100Mbit/s.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate_arg)]
+    pub link: u64,
+    /// Interval between scheduled snapshots: 90s, 15m, 1h.
+    #[arg(long, value_name = "INTERVAL", value_parser = parse_interval_arg)]
+    pub every: std::time::Duration,
+    /// predictive, at-close, eager or oracle.
+    #[arg(long, value_name = "POLICY", value_parser = parse_sim_policy)]
+    pub policy: SimPolicyArg,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Tracking block: the unit of change tracking and upload.
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_track_block)]
+    pub track_block: u32,
+    /// Print one JSON object (snapshots and summary) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the timeline (bytes uploaded and outstanding over time, with
+    /// the starts, closes and completions marked) to FILE as CSV.
+    #[arg(long, value_name = "FILE")]
+    pub timeline: Option<PathBuf>,
+}
+
+fn parse_rate_arg(s: &str) -> Result<u64, String> {
+    parse_rate(s).map_err(|e| e.to_string())
+}
+
+fn parse_interval_arg(s: &str) -> Result<std::time::Duration, String> {
+    parse_interval(s).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, clap::Args)]
@@ -283,10 +391,61 @@ pub struct ServeArgs {
     pub no_tracking: bool,
     #[command(flatten)]
     pub upload: UploadArgs,
+    #[command(flatten)]
+    pub sched: ScheduleArgs,
     /// Control socket for `foresnap snapshot` and `status`
     /// [default: /run/foresnap/ublkbN.sock].
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
+}
+
+/// Scheduled snapshots and how they are uploaded (`serve`).
+#[derive(Debug, clap::Args)]
+pub struct ScheduleArgs {
+    /// Take snapshots on a schedule: `every 15m`, `hourly`, `daily 02:00`,
+    /// `weekly sun 03:00`, or a 5-field cron expression `MIN HOUR DOM MON
+    /// DOW`. Needs --dest.
+    #[arg(long, value_name = "SPEC", value_parser = parse_schedule, requires = "dest")]
+    pub schedule: Option<Schedule>,
+    /// Shorthand for --schedule 'every INTERVAL'.
+    #[arg(long, value_name = "INTERVAL", conflicts_with = "schedule", requires = "dest",
+          value_parser = parse_every)]
+    pub every: Option<Schedule>,
+    /// Read the schedule's times as UTC [default: local time].
+    #[arg(long)]
+    pub utc: bool,
+    /// When the open snapshot's blocks are uploaded: predictive (before
+    /// the scheduled close, least likely overwritten first), at-close, or
+    /// eager (every write at once).
+    #[arg(long, value_name = "POLICY", default_value = "predictive")]
+    pub policy: Policy,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Cap the upload bandwidth: a rate (20MiB/s), or windows of local
+    /// time with rates (08:00-18:00=20MiB/s,18:00-08:00=100MiB/s; outside
+    /// every window: uncapped).
+    #[arg(long, value_name = "CAP", requires = "dest", value_parser = parse_cap)]
+    pub upload_cap: Option<CapSchedule>,
+}
+
+impl ScheduleArgs {
+    /// The schedule, if one was given.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref().or(self.every.as_ref())
+    }
+}
+
+fn parse_cap(s: &str) -> Result<CapSchedule, String> {
+    CapSchedule::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    Schedule::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_every(s: &str) -> Result<Schedule, String> {
+    parse_interval(s).map_err(|e| e.to_string())?;
+    Schedule::parse(&format!("every {s}")).map_err(|e| e.to_string())
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -345,7 +504,7 @@ mod tests {
             .chain(args.iter().copied())
             .collect();
         match parse(&all).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             other => panic!("not serve: {other:?}"),
         }
     }

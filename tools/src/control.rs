@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use foresnap_driver::tracking::Tracker;
+use foresnap_uploader::engine::Deadlines;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -43,7 +44,11 @@ pub enum Request {
 
 /// Binds `path` (replacing a stale socket left by a killed daemon, never a
 /// live one) and serves requests on a thread until the process exits.
-pub fn serve(path: &Path, tracker: Arc<Tracker>) -> anyhow::Result<()> {
+pub fn serve(
+    path: &Path,
+    tracker: Arc<Tracker>,
+    deadlines: Option<Arc<Deadlines>>,
+) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -68,7 +73,7 @@ pub fn serve(path: &Path, tracker: Arc<Tracker>) -> anyhow::Result<()> {
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &tracker) {
+                        if let Err(e) = handle(c, &tracker, deadlines.as_deref()) {
                             log::warn!("control connection: {e:#}");
                         }
                     }
@@ -80,7 +85,11 @@ pub fn serve(path: &Path, tracker: Arc<Tracker>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn handle(conn: UnixStream, tracker: &Tracker) -> anyhow::Result<()> {
+fn handle(
+    conn: UnixStream,
+    tracker: &Tracker,
+    deadlines: Option<&Deadlines>,
+) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -90,7 +99,7 @@ fn handle(conn: UnixStream, tracker: &Tracker) -> anyhow::Result<()> {
         return Ok(());
     } else {
         match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => answer(&req, tracker),
+            Ok(req) => answer(&req, tracker, deadlines),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         }
     };
@@ -99,7 +108,7 @@ fn handle(conn: UnixStream, tracker: &Tracker) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn answer(req: &Request, tracker: &Tracker) -> Value {
+fn answer(req: &Request, tracker: &Tracker, deadlines: Option<&Deadlines>) -> Value {
     match req {
         Request::Snapshot => match tracker.close() {
             Ok(c) => json!({
@@ -126,6 +135,16 @@ fn answer(req: &Request, tracker: &Tracker) -> Value {
                 "preserve_slots_used": s.preserve_slots_used,
                 "cow_blocks": s.cow_blocks,
                 "deferred_writes": s.deferred_writes,
+                "schedule": deadlines.map(|d| {
+                    let (sent_early, voided) = d.early_bytes();
+                    json!({
+                        "next_close_ms": d.next_close_ms(),
+                        "plan": d.plan(),
+                        "history": d.history(),
+                        "sent_early": sent_early,
+                        "voided": voided,
+                    })
+                }),
                 "closed": s.closed.iter().map(|e| json!({
                     "snapshot": e.epoch,
                     "blocks": e.blocks,

@@ -3,6 +3,7 @@
 mod cli;
 mod control;
 mod serve;
+mod simulate;
 mod upload;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         cli::Command::Restore(args) => upload::restore(args),
         cli::Command::Verify(args) => upload::verify(args),
         cli::Command::Backup(args) => upload::backup(args),
+        cli::Command::Simulate(args) => simulate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

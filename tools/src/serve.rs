@@ -16,7 +16,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     // thread or a device exists.
     foresnap_driver::device::check(&cfg)?;
     // The destination too: a bad URL or name fails before any device.
-    let upload = crate::upload::prepare(&args.upload, &args.backing)?;
+    let upload = crate::upload::prepare(&args.upload, Some(&args.sched), &args.backing)?;
     let upload_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let uploader_stop = upload_stop.clone();
 
@@ -40,8 +40,17 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let ready_shutdown = shutdown.clone();
     let result = foresnap_driver::serve(&cfg, &shutdown, move |info| {
         if let Some((tracker, report)) = &info.tracker {
+            let deadlines = match upload.map(|plan| plan.start(tracker.clone(), uploader_stop)) {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    eprintln!("foresnap: {e:#}");
+                    ready_shutdown.trigger(StopReason::QueueExited);
+                    return;
+                }
+                None => None,
+            };
             let path = control_arg.unwrap_or_else(|| control::default_socket(info.id));
-            if let Err(e) = control::serve(&path, tracker.clone()) {
+            if let Err(e) = control::serve(&path, tracker.clone(), deadlines) {
                 // No control path means no snapshots: do not serve a
                 // device that looks tracked but cannot be snapshotted.
                 eprintln!("foresnap: {e:#}");
@@ -73,13 +82,6 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     "new ring on a volume with data: {} blocks tracked for the first snapshot",
                     report.existing_blocks
                 );
-            }
-            if let Some(plan) = upload
-                && let Err(e) = plan.start(tracker.clone(), uploader_stop)
-            {
-                eprintln!("foresnap: {e:#}");
-                ready_shutdown.trigger(StopReason::QueueExited);
-                return;
             }
         }
         let mut out = std::io::stdout().lock();
@@ -154,6 +156,7 @@ pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
         v["cow_blocks"], v["preserve_slots_used"]
     );
     println!("deferred writes   {}", v["deferred_writes"]);
+    print_schedule(&v["schedule"]);
     let closed = v["closed"].as_array().cloned().unwrap_or_default();
     println!("awaiting upload   {} snapshots", closed.len());
     for e in closed {
@@ -170,6 +173,66 @@ pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The schedule part of `status`: the next close, the planner's view and
+/// the last snapshots' lag.
+fn print_schedule(s: &serde_json::Value) {
+    use foresnap_uploader::units::{format_bytes, format_rate};
+    if s.is_null() {
+        println!("schedule          none (snapshots only by `foresnap snapshot`)");
+        return;
+    }
+    let secs = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1} s"));
+    let bytes = |v: &serde_json::Value| format_bytes(v.as_f64().unwrap_or(0.0));
+    let p = &s["plan"];
+    if let Some(ts) = p["ts_s"].as_f64() {
+        println!(
+            "next close        in {ts:.1} s (snapshot {})",
+            p["open_epoch"]
+        );
+    }
+    if !p.is_null() {
+        println!(
+            "to upload (D)     {} ({} of the open snapshot, {} held back as hot)",
+            bytes(&p["outstanding_bytes"]),
+            bytes(&p["open_bytes"]),
+            bytes(&p["hot_bytes"])
+        );
+        println!(
+            "throughput (B)    {}",
+            p["rate"]
+                .as_f64()
+                .map_or("not measured yet".to_owned(), format_rate)
+        );
+        if p["started"] == serde_json::Value::Bool(true) {
+            println!("upload            started before the close");
+        } else {
+            println!("upload            starts in {}", secs(&p["start_in_s"]));
+        }
+        if let Some(lag) = p["predicted_lag_s"].as_f64() {
+            let warn = if lag > 1.0 {
+                " WARNING: the snapshot will complete late"
+            } else {
+                ""
+            };
+            println!("predicted lag     {lag:.1} s after the close{warn}");
+        }
+    }
+    println!(
+        "sent early        {} kept, {} voided by later writes",
+        bytes(&s["sent_early"]),
+        bytes(&s["voided"])
+    );
+    for t in s["history"].as_array().into_iter().flatten() {
+        let lag = (t["completed_ms"].as_f64().unwrap_or(0.0)
+            - t["scheduled_ms"].as_f64().unwrap_or(0.0))
+            / 1000.0;
+        println!(
+            "  snapshot {}: complete {lag:.2} s after its scheduled close",
+            t["snapshot"]
+        );
+    }
 }
 
 /// `foresnap trace`: the ring's write records as a fio iolog.

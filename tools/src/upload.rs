@@ -10,12 +10,18 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use foresnap_driver::tracking::Tracker;
 use foresnap_uploader::dest::{Destination, DirDestination};
-use foresnap_uploader::engine::{UploadReport, Uploader};
+use foresnap_uploader::engine::early::run_scheduler;
+use foresnap_uploader::engine::{Deadlines, Early, UploadReport, Uploader};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
+use foresnap_uploader::link::Link;
+use foresnap_uploader::plan::{PlanConfig, Planner, Policy};
 use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image, verify_snapshots};
 use foresnap_uploader::s3::{S3Destination, S3Url};
+use foresnap_uploader::schedule::{Schedule, Zone};
 
-use crate::cli::{BackupArgs, DestArgs, RestoreArgs, Snapshot, UploadArgs, VerifyArgs};
+use crate::cli::{
+    BackupArgs, DestArgs, RestoreArgs, ScheduleArgs, Snapshot, UploadArgs, VerifyArgs,
+};
 
 /// Opens a destination from its URL.
 pub fn open_dest(url: &str) -> anyhow::Result<Arc<dyn Destination>> {
@@ -55,16 +61,47 @@ pub struct UploadPlan {
     max_deltas: usize,
     workers: usize,
     memory_bytes: u64,
+    /// The destination behind its bandwidth cap and throughput sampler
+    /// (with a schedule or a cap): `dest` is this link.
+    link: Option<Arc<Link>>,
+    scheduled: Option<Scheduled>,
+}
+
+/// Scheduled snapshots and their predictive upload.
+#[derive(Debug)]
+struct Scheduled {
+    schedule: Schedule,
+    zone: Zone,
+    plan: PlanConfig,
 }
 
 /// Opens the destinations of `args` (all of them, so that a bad URL or
-/// unreachable store fails now); `None` without `--dest`.
-pub fn prepare(args: &UploadArgs, backing: &Path) -> anyhow::Result<Option<UploadPlan>> {
+/// unreachable store fails now); `None` without `--dest`. `sched`: the
+/// schedule and upload policy of a served volume.
+pub fn prepare(
+    args: &UploadArgs,
+    sched: Option<&ScheduleArgs>,
+    backing: &Path,
+) -> anyhow::Result<Option<UploadPlan>> {
     let Some(first) = args.dest.first() else {
         return Ok(None);
     };
     let keys = volume_keys(args.volume.as_deref(), backing)?;
-    let dest = open_dest(first)?;
+    let scheduled = match sched.and_then(|s| s.schedule().map(|sc| (s, sc))) {
+        Some((s, schedule)) => Some(Scheduled {
+            schedule: schedule.clone(),
+            zone: if s.utc { Zone::Utc } else { Zone::Local },
+            plan: s.plan.config(s.policy).map_err(anyhow::Error::msg)?,
+        }),
+        None => None,
+    };
+    let cap = sched.and_then(|s| s.upload_cap.clone());
+    let mut dest = open_dest(first)?;
+    let link =
+        (scheduled.is_some() || cap.is_some()).then(|| Arc::new(Link::new(dest.clone(), cap)));
+    if let Some(l) = &link {
+        dest = l.clone();
+    }
     for extra in &args.dest[1..] {
         let d = open_dest(extra)?;
         log::warn!(
@@ -90,6 +127,8 @@ pub fn prepare(args: &UploadArgs, backing: &Path) -> anyhow::Result<Option<Uploa
         max_deltas: usize::from(args.max_deltas),
         workers: args.upload_workers,
         memory_bytes: args.upload_memory,
+        link,
+        scheduled,
     }))
 }
 
@@ -121,16 +160,52 @@ impl UploadPlan {
         )
     }
 
-    /// Starts the uploader thread of `serve`. It runs until the process
-    /// ends (`stop` lets it finish its current snapshot's objects first).
-    pub fn start(self, tracker: Arc<Tracker>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-        let up = self.uploader(tracker)?;
+    /// Starts the uploader thread of `serve`, and with a schedule the
+    /// scheduler thread that closes the epochs. They run until the
+    /// process ends (`stop` lets the uploader finish its current
+    /// snapshot's objects first). Returns the deadlines the control
+    /// socket reports.
+    pub fn start(
+        self,
+        tracker: Arc<Tracker>,
+        stop: Arc<AtomicBool>,
+    ) -> anyhow::Result<Option<Arc<Deadlines>>> {
+        let mut up = self.uploader(tracker.clone())?;
         log::info!("{}", self.describe(&up));
+        let mut deadlines = None;
+        if let Some(s) = self.scheduled {
+            let d = Arc::new(Deadlines::new());
+            if s.plan.policy != Policy::AtClose {
+                let link = self.link.clone();
+                let rate = Box::new(move || link.as_ref().and_then(|l| l.rate()));
+                let planner = Planner::new(tracker.map(), s.plan);
+                up = up.with_early(Early::new(planner, d.clone(), rate));
+            }
+            log::info!(
+                "snapshots on schedule '{}' ({}), upload policy {} (K {}, L {} s, PT {})",
+                s.schedule,
+                if s.zone == Zone::Utc {
+                    "UTC"
+                } else {
+                    "local time"
+                },
+                s.plan.policy,
+                s.plan.k,
+                s.plan.l_s,
+                s.plan.pt
+            );
+            let (t, dl, stop) = (tracker.clone(), d.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("scheduler".into())
+                .spawn(move || run_scheduler(&s.schedule, s.zone, &t, &dl, &stop))
+                .context("cannot start the scheduler thread")?;
+            deadlines = Some(d);
+        }
         std::thread::Builder::new()
             .name("uploader".into())
             .spawn(move || up.run(&stop))
             .context("cannot start the uploader thread")?;
-        Ok(())
+        Ok(deadlines)
     }
 }
 
@@ -159,7 +234,7 @@ fn progress(what: String) -> impl FnMut(u64, u64) + Send {
 
 /// `foresnap backup`: snapshot and upload a volume that is not served.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    let plan = prepare(&args.upload, &args.backing)?
+    let plan = prepare(&args.upload, None, &args.backing)?
         .context("backup needs a destination: give --dest URL")?;
     let cfg = args.device_config();
     let backing = foresnap_driver::backing::Backing::open(&cfg)?;

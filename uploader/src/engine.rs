@@ -11,7 +11,14 @@
 //! acknowledged and the epoch finished, which frees its preserve slots and
 //! ring records. An upload interrupted by a crash is redone after the
 //! restart; the objects already stored are found and kept, not sent again.
+//!
+//! With predictive upload ([`early`]), blocks of the *open* epoch are
+//! stored before its close as parts (delta objects under part numbers of
+//! their own, [`crate::format`]); at the close the snapshot takes over the
+//! parts of its epoch and stores only what changed since they were
+//! acknowledged.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,8 +27,12 @@ use foresnap_driver::tracking::Tracker;
 use foresnap_driver::tracking::tracker::ReadClosedError;
 
 use crate::dest::{DestError, Destination};
-use crate::format::{Codec, Keys, Manifest, volume_hex};
+use crate::format::{Codec, Keys, Manifest, ObjectRef, volume_hex};
 use crate::restore::{SnapshotError, SnapshotWriter, list_snapshots, read_manifest};
+
+pub mod early;
+
+pub use early::{Deadlines, Early};
 
 /// Default chunk: 4 MiB, the object size.
 pub const DEFAULT_CHUNK_BYTES: u32 = 4 << 20;
@@ -49,6 +60,8 @@ pub enum UploadError {
     Dest(#[from] DestError),
     #[error("reading closed content: {0}")]
     Read(#[from] ReadClosedError),
+    #[error("reading the volume: {0}")]
+    ReadOpen(std::io::Error),
     #[error("tracker: {0}")]
     Track(#[from] foresnap_driver::tracking::tracker::TrackError),
     #[error(
@@ -105,6 +118,20 @@ pub struct Uploader {
     last: Option<Manifest>,
     max_deltas: usize,
     workers: usize,
+    /// Parts stored and acknowledged before their epoch's close: epoch →
+    /// chunk → parts, oldest first.
+    parts: BTreeMap<u32, BTreeMap<u64, Vec<Part>>>,
+    /// Predictive upload of the open epoch, if configured.
+    early: Option<Early>,
+}
+
+/// A part of an epoch, stored before its close and acknowledged: which
+/// blocks of its chunk it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub r: ObjectRef,
+    /// Indices within the chunk, ascending.
+    pub blocks: Vec<u32>,
 }
 
 /// The newest snapshot at `dest` below `before`, if any.
@@ -183,7 +210,15 @@ impl Uploader {
             last,
             max_deltas: crate::restore::DEFAULT_MAX_DELTAS,
             workers: 1,
+            parts: BTreeMap::new(),
+            early: None,
         })
+    }
+
+    /// Uploads the open epoch before its close as `early` plans it.
+    pub fn with_early(mut self, early: Early) -> Self {
+        self.early = Some(early);
+        self
     }
 
     /// Bounds each chunk's delta chain (see [`SnapshotWriter::with_max_deltas`]).
@@ -251,51 +286,35 @@ impl Uploader {
             self.codec,
         )
         .with_max_deltas(self.max_deltas);
+        let no_parts = BTreeMap::new();
         let job = ChunkJob {
             tracker: &self.tracker,
             writer: &w,
             base: &base,
             epoch,
+            parts: self.parts.get(&epoch).unwrap_or(&no_parts),
         };
         let queue = Mutex::new(changed.blocks().peekable());
-        let failed: Mutex<Option<UploadError>> = Mutex::new(None);
-        let stop = AtomicBool::new(false);
-        let fail = |e: UploadError| {
-            stop.store(true, Ordering::Relaxed);
-            lock(&failed).get_or_insert(e);
-        };
-        std::thread::scope(|s| {
-            for i in 0..self.workers {
-                let (job, queue, stop, fail) = (&job, &queue, &stop, &fail);
-                let spawned = std::thread::Builder::new()
-                    .name(format!("upload-{i}"))
-                    .spawn_scoped(s, move || {
-                        let mut buf = vec![0u8; job.base.chunk_bytes as usize];
-                        let mut present = Vec::new();
-                        while !stop.load(Ordering::Relaxed) {
-                            let Some(chunk) = job.next_chunk(&mut lock(queue), &mut present) else {
-                                break;
-                            };
-                            if let Err(e) = job.upload(chunk, &present, &mut buf) {
-                                fail(e);
-                            }
-                        }
-                    });
-                if let Err(e) = spawned {
-                    fail(UploadError::Worker(e));
-                    break;
-                }
-            }
-        });
-        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
-        }
+        pool(
+            self.workers,
+            base.chunk_bytes as usize,
+            || {
+                let mut present = Vec::new();
+                let chunk = job.next_chunk(&mut lock(&queue), &mut present)?;
+                Some((chunk, present))
+            },
+            |(chunk, present), buf| job.upload(chunk, &present, buf),
+        )?;
         let counts = w.counts();
         let manifest = w.commit()?;
         for b in changed.blocks() {
             self.tracker.ack_closed(epoch, b);
         }
         self.tracker.finish_epoch(epoch)?;
+        self.parts.remove(&epoch);
+        if let Some(e) = &self.early {
+            e.deadlines().completed(epoch);
+        }
         self.last = Some(manifest);
         Ok(Some(UploadReport {
             snapshot: epoch,
@@ -310,10 +329,20 @@ impl Uploader {
 
     /// Uploads closed epochs until `stop` is set: polls for new ones, and
     /// retries a failed upload with exponential backoff (0.5 s to 60 s).
+    /// While no closed epoch is owed, uploads the open one's parts as the
+    /// predictive planner says ([`Uploader::with_early`]).
     pub fn run(mut self, stop: &AtomicBool) {
         let mut backoff = Duration::from_millis(500);
         while !stop.load(Ordering::Relaxed) {
-            match self.upload_next() {
+            let step = match self.upload_next() {
+                Ok(None) => match self.upload_early() {
+                    Ok(true) => continue, // more may be due at once
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                },
+                other => other,
+            };
+            match step {
                 Ok(Some(r)) => {
                     backoff = Duration::from_millis(500);
                     log::info!(
@@ -328,7 +357,7 @@ impl Uploader {
                         r.elapsed.as_secs_f64()
                     );
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Ok(None) => std::thread::sleep(early::POLL),
                 Err(e) => {
                     log::warn!(
                         "upload to {} failed: {e}; retrying in {:.1} s",
@@ -350,12 +379,55 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs `work` on the items `next` hands out, on up to `workers` threads
+/// each with a buffer of `buf_len` bytes; stops handing out items at the
+/// first error and returns it.
+fn pool<T>(
+    workers: usize,
+    buf_len: usize,
+    next: impl Fn() -> Option<T> + Sync,
+    work: impl Fn(T, &mut [u8]) -> Result<(), UploadError> + Sync,
+) -> Result<(), UploadError> {
+    let failed: Mutex<Option<UploadError>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    let fail = |e: UploadError| {
+        stop.store(true, Ordering::Relaxed);
+        lock(&failed).get_or_insert(e);
+    };
+    std::thread::scope(|s| {
+        for i in 0..workers.max(1) {
+            let (next, work, stop, fail) = (&next, &work, &stop, &fail);
+            let spawned = std::thread::Builder::new()
+                .name(format!("upload-{i}"))
+                .spawn_scoped(s, move || {
+                    let mut buf = vec![0u8; buf_len];
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some(item) = next() else { break };
+                        if let Err(e) = work(item, &mut buf) {
+                            fail(e);
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                fail(UploadError::Worker(e));
+                break;
+            }
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// What the workers of one epoch's upload share.
 struct ChunkJob<'a> {
     tracker: &'a Tracker,
     writer: &'a SnapshotWriter<'a>,
     base: &'a Manifest,
     epoch: u32,
+    /// The epoch's parts stored before its close, by chunk.
+    parts: &'a BTreeMap<u64, Vec<Part>>,
 }
 
 impl ChunkJob<'_> {
@@ -380,24 +452,45 @@ impl ChunkJob<'_> {
     }
 
     /// Reads the changed blocks `present` of `chunk` straight into their
-    /// places in `buf`, then stores the chunk whole (every block changed)
-    /// or as a delta of slices into `buf` (no copy per block).
+    /// places in `buf`, then stores the chunk whole (every block read) or
+    /// as a delta of slices into `buf` (no copy per block) after the
+    /// chunk's parts stored before the close.
     fn upload(&self, chunk: u64, present: &[u32], buf: &mut [u8]) -> Result<(), UploadError> {
         let bs = self.base.block_bytes as usize;
         let first = chunk * self.per_chunk();
+        let parts = self.parts.get(&chunk).map_or(&[][..], Vec::as_slice);
+        let mut read = Vec::with_capacity(present.len());
         for &i in present {
             let at = i as usize * bs;
-            // Every changed block of a closed epoch is pending until this
-            // upload acknowledges it (after the manifest); a block that is
-            // not is a bug, and the snapshot must not be built without it.
-            self.tracker
-                .read_closed(self.epoch, first + u64::from(i), &mut buf[at..at + bs])?;
+            let b = first + u64::from(i);
+            match self
+                .tracker
+                .read_closed(self.epoch, b, &mut buf[at..at + bs])
+            {
+                Ok(_) => read.push(i),
+                // Uploaded before the close and not written since: a part
+                // holds its content at the close.
+                Err(ReadClosedError::NotPending { .. })
+                    if parts.iter().any(|p| p.blocks.binary_search(&i).is_ok()) => {}
+                // Every other changed block of a closed epoch is pending
+                // until this upload acknowledges it (after the manifest);
+                // one that is not is a bug, and the snapshot must not be
+                // built without it.
+                Err(e) => return Err(e.into()),
+            }
         }
         let len = usize::try_from(self.base.chunk_len(chunk)).unwrap_or(0);
-        if present.len() as u64 == (len as u64).div_ceil(bs as u64) {
+        if read.len() as u64 == (len as u64).div_ceil(bs as u64) {
+            // Whole: the parts are superseded.
             self.writer.put_chunk(chunk, &buf[..len])?;
-        } else {
-            let refs: Vec<(u32, &[u8])> = present
+            return Ok(());
+        }
+        if !parts.is_empty() {
+            let refs: Vec<ObjectRef> = parts.iter().map(|p| p.r).collect();
+            self.writer.adopt_parts(chunk, &refs)?;
+        }
+        if !read.is_empty() {
+            let refs: Vec<(u32, &[u8])> = read
                 .iter()
                 .map(|&i| (i, &buf[i as usize * bs..(i as usize + 1) * bs]))
                 .collect();
