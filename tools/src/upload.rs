@@ -14,7 +14,7 @@ use foresnap_uploader::engine::early::run_scheduler;
 use foresnap_uploader::engine::{Deadlines, Early, UploadReport, Uploader};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
 use foresnap_uploader::link::Link;
-use foresnap_uploader::plan::{PlanConfig, Planner, Policy};
+use foresnap_uploader::plan::{PlanConfig, Planner};
 use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image, verify_snapshots};
 use foresnap_uploader::s3::{S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
@@ -175,16 +175,18 @@ impl UploadPlan {
         let mut deadlines = None;
         if let Some(s) = self.scheduled {
             let d = Arc::new(Deadlines::new());
-            if s.plan.policy != Policy::AtClose {
-                let link = self.link.clone();
-                let rate = Box::new(move || link.as_ref().and_then(|l| l.rate()));
-                let planner = Planner::new(tracker.map(), s.plan);
-                up = up.with_early(Early::new(planner, d.clone(), rate));
-            }
+            // Also at-close: its planner never starts before the close,
+            // but it reports D, B and each snapshot's lag.
+            let link = self.link.clone();
+            let rate = Box::new(move || link.as_ref().and_then(|l| l.rate()));
+            let planner = Planner::new(tracker.map(), s.plan);
+            up = up.with_early(Early::new(planner, d.clone(), rate));
             log::info!(
                 "snapshots on schedule '{}' ({}), upload policy {} (K {}, L {} s, PT {})",
                 s.schedule,
-                if s.zone == Zone::Utc {
+                if s.schedule.interval().is_some() {
+                    "aligned to UTC"
+                } else if s.zone == Zone::Utc {
                     "UTC"
                 } else {
                     "local time"
