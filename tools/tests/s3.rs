@@ -378,11 +378,139 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
         .args(["verify", "--volume", "kv", "--dest", &url]));
 }
 
+/// Scheduled snapshots with predictive upload on the real clock, through
+/// a capped link to the server: a writer keeps writing, a scheduler closes
+/// every 3 s, the uploader stores parts before each close (also voided
+/// ones, deleted at the server). Once the writer stops, the newest
+/// snapshot restores to the volume bit-exact and every snapshot verifies.
+fn scheduled_predictive_upload(s: &Server) {
+    use foresnap_uploader::engine::early::run_scheduler;
+    use foresnap_uploader::engine::{Deadlines, Early};
+    use foresnap_uploader::link::{CapSchedule, Link};
+    use foresnap_uploader::plan::{PlanConfig, Planner};
+    use foresnap_uploader::schedule::{Schedule, Zone};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let vp = dir.path().join("vol");
+    let vol = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&vp)
+        .unwrap();
+    vol.set_len(size).unwrap();
+    let cfg = TrackerConfig {
+        ring: dir.path().join("ring"),
+        ring_bytes: 4 << 20,
+        geometry: Geometry::default(),
+    };
+    let t = Arc::new(Tracker::open(&cfg, &vp, size, 1).unwrap().0);
+    let keys = Keys::new("sched").unwrap();
+    let link = Arc::new(Link::new(
+        Arc::new(s.open("sched")),
+        Some(CapSchedule::parse("4MiB/s").unwrap()),
+    ));
+    let deadlines = Arc::new(Deadlines::new());
+    let rate_link = link.clone();
+    let early = Early::new(
+        Planner::new(t.map(), PlanConfig::default()),
+        deadlines.clone(),
+        Box::new(move || rate_link.rate()),
+    );
+    let up = Uploader::new(t.clone(), link.clone(), keys.clone(), 1 << 20, Codec::None)
+        .unwrap()
+        .with_pool(2, 64 << 20)
+        .unwrap()
+        .with_early(early);
+    let stop = Arc::new(AtomicBool::new(false));
+    let uploader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || up.run(&stop))
+    };
+    let scheduler = {
+        let (t, d, stop) = (t.clone(), deadlines.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let every = Schedule::parse("every 3s").unwrap();
+            run_scheduler(&every, Zone::Utc, &t, &d, &stop);
+        })
+    };
+    // About 1 MiB/s of 64 KiB writes for 12 s, a hot 256 KiB among them.
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(12) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = if x.is_multiple_of(4) {
+            (x >> 8) % 4 * 65536
+        } else {
+            (x >> 8) % (size / 65536) * 65536
+        };
+        t.write_volume(&vol, off, &pattern(65536, x)).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    // Quiet: the next close takes the final content; wait until it is up.
+    let quiet_epoch = t.open_epoch();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !deadlines
+        .history()
+        .iter()
+        .any(|h| h.snapshot >= quiet_epoch)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}: no snapshot after the load",
+            s.kind
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    uploader.join().unwrap();
+    scheduler.join().unwrap();
+    let (early_bytes, voided) = deadlines.early_bytes();
+    let lags: Vec<f64> = deadlines.history().iter().map(|h| h.lag_s()).collect();
+    eprintln!(
+        "{}: scheduled snapshots' lags {lags:.2?} s; {early_bytes} bytes sent before their closes, {voided} voided",
+        s.kind
+    );
+    assert!(
+        early_bytes > 0,
+        "{}: nothing was uploaded before a close",
+        s.kind
+    );
+    let ids = list_snapshots(link.as_ref(), &keys).unwrap();
+    let newest = *ids.last().unwrap();
+    assert!(newest >= quiet_epoch);
+    let m = read_manifest(link.as_ref(), &keys, newest).unwrap();
+    let out = dir.path().join("restored");
+    restore_image(link.as_ref(), &keys, &m, &out, 4, |_, _| {}).unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&vp).unwrap(),
+        "{}: the newest snapshot does not restore to the volume",
+        s.kind
+    );
+    let manifests: Vec<_> = ids
+        .iter()
+        .map(|&id| read_manifest(link.as_ref(), &keys, id).unwrap())
+        .collect();
+    assert!(
+        manifests.iter().any(|m| m.has_parts()),
+        "{}: no parts",
+        s.kind
+    );
+    let r = verify_snapshots(link.as_ref(), &keys, &manifests, 4, |_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{}: {:?}", s.kind, r.problems);
+}
+
 fn all_scenarios(kind: &'static str) {
     let s = Server::start(kind);
     contract(&s);
     snapshots_restore_bit_exact(&s);
     backup_killed_mid_upload_resumes(&s);
+    scheduled_predictive_upload(&s);
 }
 
 #[test]
