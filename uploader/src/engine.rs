@@ -130,8 +130,12 @@ pub struct Uploader {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
     pub r: ObjectRef,
-    /// Indices within the chunk, ascending.
+    /// Indices within the chunk of the blocks it is credited for,
+    /// ascending.
     pub blocks: Vec<u32>,
+    /// It holds every block of its chunk (compaction before the close):
+    /// the chain before it is not needed.
+    pub full: bool,
 }
 
 /// The newest snapshot at `dest` below `before`, if any.
@@ -486,8 +490,11 @@ impl ChunkJob<'_> {
             return Ok(());
         }
         if !parts.is_empty() {
-            let refs: Vec<ObjectRef> = parts.iter().map(|p| p.r).collect();
-            self.writer.adopt_parts(chunk, &refs)?;
+            // From the last full part on, if there is one: it replaces the
+            // chain before it.
+            let from = parts.iter().rposition(|p| p.full);
+            let refs: Vec<ObjectRef> = parts[from.unwrap_or(0)..].iter().map(|p| p.r).collect();
+            self.writer.adopt_parts(chunk, &refs, from.is_some())?;
         }
         if !read.is_empty() {
             let refs: Vec<(u32, &[u8])> = read

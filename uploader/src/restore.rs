@@ -271,10 +271,16 @@ impl<'d> SnapshotWriter<'d> {
 
     /// Takes `parts` (stored before the close with [`store_part`], oldest
     /// first) into chunk `chunk`'s references, after the parent's objects
-    /// and before this snapshot's own delta. A chain that grows past the
-    /// delta bound is folded into a fresh chunk object, as for
-    /// [`SnapshotWriter::put_delta`].
-    pub fn adopt_parts(&self, chunk: u64, parts: &[ObjectRef]) -> Result<(), SnapshotError> {
+    /// (or instead of them, with `replace`: the first part holds every
+    /// block of the chunk) and before this snapshot's own delta. A chain
+    /// that grows past the delta bound is folded into a fresh chunk
+    /// object, as for [`SnapshotWriter::put_delta`].
+    pub fn adopt_parts(
+        &self,
+        chunk: u64,
+        parts: &[ObjectRef],
+        replace: bool,
+    ) -> Result<(), SnapshotError> {
         let c = self.chunk_index(chunk)?;
         if parts
             .iter()
@@ -288,6 +294,9 @@ impl<'d> SnapshotWriter<'d> {
         let chain = {
             let mut m = self.lock();
             let refs = &mut m.chunks[c];
+            if replace {
+                refs.clear();
+            }
             for p in parts {
                 if !refs.contains(p) {
                     refs.push(*p);

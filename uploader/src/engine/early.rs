@@ -332,6 +332,15 @@ impl Uploader {
         let map = self.tracker.map();
         let geo = map.geometry();
         let bs = 1usize << geo.block_shift;
+        // Object chunks may be larger or smaller than the map's chunks.
+        let per_object = u64::from(self.chunk_bytes >> geo.block_shift);
+        let per_map = 1u64 << (geo.chunk_shift - geo.block_shift);
+        if per_object >= per_map {
+            let oc = chunk * per_map / per_object;
+            if self.chain_after_parts(epoch, oc) + 1 >= self.max_deltas {
+                return self.store_full_part(epoch, oc, buf, next_part, deadlines);
+            }
+        }
         let Some(version) = map.chunk_version(chunk) else {
             return Ok(Vec::new()); // a write in flight: next round
         };
@@ -342,8 +351,6 @@ impl Uploader {
                 .read_open(b, &mut buf[j * bs..(j + 1) * bs])
                 .map_err(UploadError::ReadOpen)?;
         }
-        // Object chunks may be larger or smaller than the map's chunks.
-        let per_object = u64::from(self.chunk_bytes >> geo.block_shift);
         let mut groups: BTreeMap<u64, Vec<(u32, &[u8])>> = BTreeMap::new();
         for (j, &b) in dirty.iter().enumerate() {
             let idx = u32::try_from(b % per_object).unwrap_or(u32::MAX);
@@ -355,30 +362,18 @@ impl Uploader {
         let mut parts = Vec::with_capacity(groups.len());
         let mut sent = 0;
         for (object_chunk, blocks) in &groups {
-            let mut tries = 0;
-            let (r, n) = loop {
-                let r = ObjectRef::part(epoch, take_part(next_part));
-                match store_part(
-                    self.dest.as_ref(),
-                    &self.keys,
-                    *object_chunk,
-                    r,
-                    1 << geo.block_shift,
-                    u32::try_from(per_object).unwrap_or(u32::MAX),
-                    blocks,
-                    self.codec,
-                ) {
-                    Ok(n) => break (r, n),
-                    // Left by a predecessor: take the next number.
-                    Err(DestError::AlreadyExists { .. }) if tries < 64 => tries += 1,
-                    Err(e) => return Err(e.into()),
-                }
-            };
+            let (r, n) = self.put_part(epoch, *object_chunk, blocks, next_part)?;
             sent += n;
             let idx = blocks.iter().map(|&(i, _)| i).collect();
-            parts.push((*object_chunk, Part { r, blocks: idx }));
+            parts.push((
+                *object_chunk,
+                Part {
+                    r,
+                    blocks: idx,
+                    full: false,
+                },
+            ));
         }
-        let per_map = 1u64 << (geo.chunk_shift - geo.block_shift);
         let first = chunk * per_map;
         let last = (first + per_map).min(map.blocks()) - 1;
         if self.tracker.ack_open(epoch, first, last, version) {
@@ -394,6 +389,149 @@ impl Uploader {
             }
             Ok(Vec::new())
         }
+    }
+}
+
+impl Uploader {
+    /// Deltas object chunk `oc`'s chain will hold once this epoch's parts
+    /// so far are adopted: the parent's, and the parts since the last full
+    /// one.
+    fn chain_after_parts(&self, epoch: u32, oc: u64) -> usize {
+        let parts = self
+            .parts
+            .get(&epoch)
+            .and_then(|p| p.get(&oc))
+            .map_or(&[][..], Vec::as_slice);
+        match parts.iter().rposition(|p| p.full) {
+            Some(i) => parts.len() - i,
+            None => {
+                let parent = self
+                    .last
+                    .as_ref()
+                    .and_then(|m| m.chunks.get(usize::try_from(oc).ok()?))
+                    .map_or(0, |refs| {
+                        refs.iter()
+                            .filter(|r| r.kind == crate::format::ObjectKind::Delta)
+                            .count()
+                    });
+                parent + parts.len()
+            }
+        }
+    }
+
+    /// Stores a part under a fresh part number; returns it and the bytes
+    /// sent.
+    fn put_part(
+        &self,
+        epoch: u32,
+        object_chunk: u64,
+        blocks: &[(u32, &[u8])],
+        next_part: &AtomicU32,
+    ) -> Result<(ObjectRef, u64), UploadError> {
+        let block_shift = self.tracker.map().geometry().block_shift;
+        let per_object = self.chunk_bytes >> block_shift;
+        let mut tries = 0;
+        loop {
+            let r = ObjectRef::part(epoch, take_part(next_part));
+            match store_part(
+                self.dest.as_ref(),
+                &self.keys,
+                object_chunk,
+                r,
+                1 << block_shift,
+                per_object,
+                blocks,
+                self.codec,
+            ) {
+                Ok(n) => return Ok((r, n)),
+                // Left by a predecessor: take the next number.
+                Err(DestError::AlreadyExists { .. }) if tries < 64 => tries += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Compaction before the close: object chunk `oc`, whose chain would
+    /// grow past the delta bound, is stored whole (every block, as a part
+    /// with all blocks present), so that at the close the snapshot drops
+    /// the chain before it instead of folding it then. Blocks the epoch
+    /// had not changed read as their last snapshot's content (the volume
+    /// changes only through tracked writes); those it had are credited as
+    /// for any part, per map chunk. Even a map chunk whose credit fails
+    /// leaves the part a correct base: its dirty blocks stay pending and
+    /// go up after it.
+    fn store_full_part(
+        &self,
+        epoch: u32,
+        oc: u64,
+        buf: &mut [u8],
+        next_part: &AtomicU32,
+        deadlines: &Deadlines,
+    ) -> Result<Vec<(u64, Part)>, UploadError> {
+        let map = self.tracker.map();
+        let geo = map.geometry();
+        let bs = 1usize << geo.block_shift;
+        let per_object = u64::from(self.chunk_bytes >> geo.block_shift);
+        let per_map = 1u64 << (geo.chunk_shift - geo.block_shift);
+        let first = oc * per_object;
+        let end = (first + per_object).min(map.blocks());
+        // Versions and dirty blocks of every map chunk, before the reads.
+        let mut maps = Vec::new();
+        let mut m = first / per_map;
+        while m * per_map < end {
+            let Some(v) = map.chunk_version(m) else {
+                return Ok(Vec::new()); // a write in flight: next round
+            };
+            let mut dirty = Vec::new();
+            map.dirty_blocks(m, &mut dirty);
+            maps.push((m, v, dirty));
+            m += 1;
+        }
+        for b in first..end {
+            let at = usize::try_from(b - first).unwrap_or(usize::MAX) * bs;
+            self.tracker
+                .read_open(b, &mut buf[at..at + bs])
+                .map_err(UploadError::ReadOpen)?;
+        }
+        let blocks: Vec<(u32, &[u8])> = (0..end - first)
+            .map(|i| {
+                let at = usize::try_from(i).unwrap_or(usize::MAX) * bs;
+                (u32::try_from(i).unwrap_or(u32::MAX), &buf[at..at + bs])
+            })
+            .collect();
+        let (r, sent) = self.put_part(epoch, oc, &blocks, next_part)?;
+        let mut credited = Vec::new();
+        let mut any = false;
+        for (m, v, dirty) in &maps {
+            let lo = m * per_map;
+            let hi = (lo + per_map).min(map.blocks()) - 1;
+            if self.tracker.ack_open(epoch, lo, hi, *v) {
+                any = true;
+                credited.extend(
+                    dirty
+                        .iter()
+                        .map(|&b| u32::try_from(b - first).unwrap_or(u32::MAX)),
+                );
+            }
+        }
+        if !any && self.tracker.open_epoch() != epoch {
+            // Closed meanwhile: the part is nobody's.
+            deadlines.voided.fetch_add(sent, Ordering::Relaxed);
+            if let Err(e) = self.dest.delete(&self.keys.object(oc, r)) {
+                log::debug!("voided part left at the destination: {e}");
+            }
+            return Ok(Vec::new());
+        }
+        deadlines.sent_early.fetch_add(sent, Ordering::Relaxed);
+        credited.sort_unstable();
+        Ok(vec![(
+            oc,
+            Part {
+                r,
+                blocks: credited,
+                full: true,
+            },
+        )])
     }
 }
 
@@ -522,24 +660,38 @@ mod tests {
     /// Invariant 2 with parts: random writes, rounds of early upload and
     /// closes interleaved at random; every snapshot restores to the image
     /// at its close, whether its blocks went up before the close (as
-    /// parts, then overwritten or not) or after. Object chunks smaller
-    /// (1 MiB), equal (4 MiB) and larger (8 MiB) than the map's chunks.
+    /// parts, then overwritten or not) or after. Object chunks of one map
+    /// chunk (1 MiB) and of several (4, 8 MiB); delta chains bounded at 8,
+    /// 2 and 1, so that chunks are also stored whole before the close
+    /// (compaction ahead of time, `full` parts).
     #[test]
     fn parts_before_the_close_restore_exactly() {
-        for (seed, object) in [(1u64, 1u32 << 20), (7, 4 << 20), (42, 8 << 20)] {
+        for (seed, object, max_deltas) in [
+            (1u64, 1u32 << 20, 8),
+            (7, 4 << 20, 2),
+            (42, 8 << 20, 8),
+            (5, 4 << 20, 1),
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let size = 12 * MIB + 8192;
             let (t, vol, _) = super::super::tests::tracked_volume(dir.path(), size);
             let dest: Arc<dyn Destination> =
                 Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
-            let mut up = early_uploader(&t, dest.clone(), object, 3);
+            let mut up = early_uploader(&t, dest.clone(), object, 3).with_max_deltas(max_deltas);
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut full_seen = false;
             let mut images = Vec::new();
             for _ in 0..6 {
                 for _ in 0..(20 + rng.below(40)) {
                     write(&t, &vol, &mut rng, size);
                     if rng.below(6) == 0 {
                         up.upload_early().unwrap();
+                        full_seen |= up
+                            .parts
+                            .values()
+                            .flat_map(|c| c.values())
+                            .flatten()
+                            .any(|p| p.full);
                     }
                 }
                 let c = t.close().unwrap();
@@ -559,6 +711,10 @@ mod tests {
                 );
             }
             assert!(parts_seen, "some manifest references parts");
+            assert!(
+                full_seen || max_deltas > 2,
+                "a tight bound stores chunks whole early"
+            );
         }
     }
 
