@@ -45,6 +45,18 @@
 //! `TS` shrinks and hot chunks fall below `PT` on their own: they are
 //! uploaded last, once their content is likely final.
 //!
+//! # Hot blocks, learned from the uploads
+//!
+//! The heat map sees chunks; hot blocks scattered among cold ones (a zipf
+//! workload) do not make their chunk hot. So the planner also learns per
+//! block from its own uploads: a block uploaded before the close and
+//! then uploaded again in the same epoch was rewritten in between. Such a
+//! block is *hot* for the rest of that epoch and the next, and
+//! [`Planner::select`] leaves it out of early uploads until the last `L`
+//! seconds before the close (the rest of its chunk goes). The record costs
+//! one bit per block of the volume for the blocks uploaded in the open
+//! epoch (32 MiB per TiB at 4 KiB blocks) and a set of the hot ones.
+//!
 //! # One planner, two clocks
 //!
 //! The planner holds no clock and does no I/O: its caller passes the time
@@ -55,6 +67,20 @@
 //! this code.
 
 use foresnap_driver::tracking::DirtyMap;
+
+/// The runs `(first, last)` of consecutive blocks in `blocks` (ascending):
+/// an upload of some of a chunk's dirty blocks is acknowledged run by run,
+/// so that no block left out is ever taken for uploaded.
+pub fn runs(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == b => *last = b,
+            _ => out.push((b, b)),
+        }
+    }
+    out
+}
 
 /// When the open epoch is uploaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +311,14 @@ pub struct Planner {
     block_bytes: u64,
     /// The epoch whose upload has started, if any (the latch).
     started_epoch: Option<u32>,
+    /// The epoch the per-block record below is about.
+    learn_epoch: u32,
+    /// Blocks uploaded before the close in `learn_epoch` (a bitset).
+    uploaded: Vec<u64>,
+    /// Blocks found rewritten after their upload in `learn_epoch`, and in
+    /// the epoch before it.
+    hot: std::collections::HashSet<u64>,
+    hot_before: std::collections::HashSet<u64>,
     /// Scratch: (P, chunk, dirty blocks) of the candidates.
     scratch: Vec<(f64, u64, u64)>,
 }
@@ -297,6 +331,10 @@ impl Planner {
             cfg,
             block_bytes: 1u64 << map.geometry().block_shift,
             started_epoch: None,
+            learn_epoch: 0,
+            uploaded: Vec::new(),
+            hot: std::collections::HashSet::new(),
+            hot_before: std::collections::HashSet::new(),
             scratch: Vec::new(),
         }
     }
@@ -312,6 +350,49 @@ impl Planner {
     /// Samples the heat counters (call it regularly, e.g. every second).
     pub fn sample(&mut self, map: &DirtyMap, now_s: f64) {
         self.heat.sample(map, now_s);
+    }
+
+    /// Moves the per-block record to `epoch` if it is about an older one.
+    fn roll(&mut self, epoch: u32) {
+        if self.learn_epoch != epoch {
+            self.hot_before = std::mem::take(&mut self.hot);
+            self.uploaded.iter_mut().for_each(|w| *w = 0);
+            self.learn_epoch = epoch;
+        }
+    }
+
+    /// Learns from an early upload of `blocks` (volume block numbers)
+    /// credited to open epoch `epoch`: those uploaded before in the epoch
+    /// were rewritten since, and are hot (module doc).
+    pub fn uploaded(&mut self, epoch: u32, blocks: &[u64]) {
+        self.roll(epoch);
+        for &b in blocks {
+            let (w, bit) = (usize::try_from(b / 64).unwrap_or(usize::MAX), b % 64);
+            if w >= self.uploaded.len() {
+                self.uploaded.resize(w + 1, 0);
+            }
+            if self.uploaded[w] & (1 << bit) != 0 {
+                self.hot.insert(b);
+            }
+            self.uploaded[w] |= 1 << bit;
+        }
+    }
+
+    /// Whether `block` is hot (module doc).
+    pub fn is_hot(&self, block: u64) -> bool {
+        self.hot.contains(&block) || self.hot_before.contains(&block)
+    }
+
+    /// The blocks of `chunk` to upload now, into `out` (ascending): its
+    /// dirty blocks, but for hot ones while the close is more than `L`
+    /// away (the eager policy takes them all).
+    pub fn select(&self, map: &DirtyMap, chunk: u64, ts_s: Option<f64>, out: &mut Vec<u64>) {
+        out.clear();
+        map.dirty_blocks(chunk, out);
+        let near = ts_s.is_none_or(|ts| ts <= self.cfg.l_s);
+        if self.cfg.policy == Policy::Predictive && !near {
+            out.retain(|&b| !self.is_hot(b));
+        }
     }
 
     /// `P` of a chunk with `dirty` blocks (module doc).
@@ -334,6 +415,7 @@ impl Planner {
         if self.started_epoch.is_some_and(|e| e != input.open_epoch) {
             self.started_epoch = None; // closed: the latch opens
         }
+        self.roll(input.open_epoch);
         self.scratch.clear();
         let mut open_blocks = 0u64;
         for c in 0..map.chunks() {
@@ -570,6 +652,47 @@ mod tests {
         assert!(plan.chunks.is_empty(), "appended to at 800 blocks/s");
         p.sample(&m, 61.0);
         assert_eq!(p.plan(&m, &input(61.0, 9.0, slow), 8).chunks, vec![0]);
+    }
+
+    /// A block uploaded twice in an epoch is hot: left out of early
+    /// uploads (the rest of its chunk goes) until the last L seconds, for
+    /// that epoch and the next; forgotten after.
+    #[test]
+    fn blocks_rewritten_after_upload_are_learned_hot() {
+        let m = DirtyMap::new(64 * MIB, GEO);
+        let mut p = Planner::new(&m, PlanConfig::default());
+        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
+        write(&m, 0, 8);
+        p.uploaded(1, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        p.uploaded(1, &[3]); // written again, uploaded again
+        assert!(p.is_hot(3) && !p.is_hot(2));
+        let mut out = Vec::new();
+        p.select(&m, 0, Some(30.0), &mut out);
+        assert_eq!(out, vec![0, 1, 2, 4, 5, 6, 7], "hot block 3 waits");
+        p.select(&m, 0, Some(4.0), &mut out);
+        assert_eq!(out.len(), 8, "within L of the close it goes");
+        p.select(&m, 0, None, &mut out);
+        assert_eq!(out.len(), 8, "no schedule: nothing to wait for");
+        // The next epoch still knows it; the one after forgets.
+        let mut i = input(0.0, 30.0, 1.0);
+        i.open_epoch = 2;
+        p.plan(&m, &i, 1);
+        assert!(p.is_hot(3));
+        i.open_epoch = 3;
+        p.plan(&m, &i, 1);
+        assert!(!p.is_hot(3));
+        // Eager never holds anything back.
+        let mut e = Planner::new(
+            &m,
+            PlanConfig {
+                policy: Policy::Eager,
+                ..PlanConfig::default()
+            },
+        );
+        e.uploaded(1, &[3]);
+        e.uploaded(1, &[3]);
+        e.select(&m, 0, Some(30.0), &mut out);
+        assert_eq!(out.len(), 8);
     }
 
     #[test]

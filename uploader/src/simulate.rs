@@ -43,7 +43,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use foresnap_driver::tracking::{BlockState, DirtyMap, Geometry};
 
 use crate::link::ThroughputSampler;
-use crate::plan::{PlanConfig, PlanInput, Planner};
+use crate::plan::{PlanConfig, PlanInput, Planner, runs};
 use crate::trace::TraceWrite;
 
 /// Which uploader the simulator runs.
@@ -241,8 +241,8 @@ enum Transfer {
     },
     Open {
         epoch: u32,
-        chunk: u64,
         version: u64,
+        blocks: Vec<u64>,
     },
 }
 
@@ -468,24 +468,25 @@ impl<'c> Sim<'c> {
             }
             self.queue.extend(plan.chunks);
         }
+        let ts = f64::from(self.open_epoch) * self.cfg.interval_s - now;
         while let Some(chunk) = self.queue.pop_front() {
             let Some(version) = self.map.chunk_version(chunk) else {
                 continue;
             };
-            self.scratch.clear();
-            self.map.dirty_blocks(chunk, &mut self.scratch);
-            if self.scratch.is_empty() {
+            let mut blocks = Vec::new();
+            self.planner.select(&self.map, chunk, Some(ts), &mut blocks);
+            if blocks.is_empty() {
                 continue;
             }
-            let bytes = self.scratch.len() as u64 * self.block_bytes;
+            let bytes = blocks.len() as u64 * self.block_bytes;
             let epoch = self.open_epoch;
             self.launch(
                 now,
                 bytes,
                 Transfer::Open {
                     epoch,
-                    chunk,
                     version,
+                    blocks,
                 },
             );
             return;
@@ -519,16 +520,24 @@ impl<'c> Sim<'c> {
             }
             Transfer::Open {
                 epoch,
-                chunk,
                 version,
+                blocks,
             } => {
-                let first = chunk * self.per_chunk;
-                let last = (first + self.per_chunk).min(self.map.blocks()) - 1;
-                // As Tracker::ack_open: credited only to the epoch it was
-                // read from, while it is open, at an unchanged version.
-                let acked = epoch == self.open_epoch && self.map.ack_open(first, last, version);
-                if !acked {
-                    self.voided += t.bytes;
+                // As the daemon (engine::early): credited run by run, only
+                // to the epoch it was read from, while it is open, at an
+                // unchanged chunk version.
+                let mut credited = Vec::new();
+                if epoch == self.open_epoch {
+                    for (lo, hi) in runs(&blocks) {
+                        if !self.map.ack_open(lo, hi, version) {
+                            break;
+                        }
+                        credited.extend(lo..=hi);
+                    }
+                }
+                self.voided += (blocks.len() - credited.len()) as u64 * self.block_bytes;
+                if !credited.is_empty() {
+                    self.planner.uploaded(epoch, &credited);
                 }
                 if epoch == self.open_epoch {
                     self.open_sent += t.bytes;

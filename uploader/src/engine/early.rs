@@ -44,7 +44,7 @@ use foresnap_driver::tracking::Tracker;
 use super::{Part, UploadError, Uploader, lock, pool};
 use crate::dest::DestError;
 use crate::format::ObjectRef;
-use crate::plan::{Plan, PlanInput, Planner};
+use crate::plan::{Plan, PlanInput, Planner, runs};
 use crate::restore::store_part;
 use crate::schedule::{Schedule, Zone};
 
@@ -291,6 +291,7 @@ impl Uploader {
         if plan.chunks.is_empty() {
             return Ok(false);
         }
+        let ts_s = input.ts_s;
         let next_part = AtomicU32::new(early.next_part);
         let deadlines = early.deadlines.clone();
         let stored: Mutex<Vec<(u64, Part)>> = Mutex::new(Vec::new());
@@ -301,15 +302,21 @@ impl Uploader {
             map_chunk.max(self.chunk_bytes as usize),
             || lock(&queue).next(),
             |chunk, buf| {
-                let parts = self.store_parts(epoch, chunk, buf, &next_part, &deadlines)?;
+                let parts = self.store_parts(epoch, chunk, ts_s, buf, &next_part, &deadlines)?;
                 lock(&stored).extend(parts);
                 Ok(())
             },
         )?;
+        let stored = stored.into_inner().unwrap_or_else(|p| p.into_inner());
+        let per_object = u64::from(self.chunk_bytes >> map.geometry().block_shift);
         if let Some(e) = self.early.as_mut() {
             e.next_part = next_part.into_inner();
+            let credited: Vec<u64> = stored
+                .iter()
+                .flat_map(|(c, p)| p.blocks.iter().map(move |&i| c * per_object + u64::from(i)))
+                .collect();
+            e.planner.uploaded(epoch, &credited);
         }
-        let stored = stored.into_inner().unwrap_or_else(|p| p.into_inner());
         let any = !stored.is_empty();
         let epoch_parts = self.parts.entry(epoch).or_default();
         for (chunk, part) in stored {
@@ -325,6 +332,7 @@ impl Uploader {
         &self,
         epoch: u32,
         chunk: u64,
+        ts_s: Option<f64>,
         buf: &mut [u8],
         next_part: &AtomicU32,
         deadlines: &Deadlines,
@@ -345,7 +353,13 @@ impl Uploader {
             return Ok(Vec::new()); // a write in flight: next round
         };
         let mut dirty = Vec::new();
-        map.dirty_blocks(chunk, &mut dirty);
+        match &self.early {
+            Some(e) => e.planner.select(map, chunk, ts_s, &mut dirty),
+            None => map.dirty_blocks(chunk, &mut dirty),
+        }
+        if dirty.is_empty() {
+            return Ok(Vec::new()); // only hot blocks: later
+        }
         for (j, &b) in dirty.iter().enumerate() {
             self.tracker
                 .read_open(b, &mut buf[j * bs..(j + 1) * bs])
@@ -374,10 +388,21 @@ impl Uploader {
                 },
             ));
         }
-        let first = chunk * per_map;
-        let last = (first + per_map).min(map.blocks()) - 1;
-        if self.tracker.ack_open(epoch, first, last, version) {
+        // Run by run: blocks left out (hot ones) are never credited.
+        let mut credited = std::collections::HashSet::new();
+        for (lo, hi) in runs(&dirty) {
+            if self.tracker.ack_open(epoch, lo, hi, version) {
+                credited.extend(lo..=hi);
+            } else {
+                break; // the version moved: no later run can pass
+            }
+        }
+        if !credited.is_empty() {
             deadlines.sent_early.fetch_add(sent, Ordering::Relaxed);
+            for (c, p) in &mut parts {
+                p.blocks
+                    .retain(|&i| credited.contains(&(*c * per_object + u64::from(i))));
+            }
             Ok(parts)
         } else {
             deadlines.voided.fetch_add(sent, Ordering::Relaxed);
