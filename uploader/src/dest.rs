@@ -54,6 +54,34 @@ pub trait Destination: Send + Sync + std::fmt::Debug {
     fn url(&self) -> String;
 }
 
+/// A destination in front of another that changes only what a put does
+/// (a bandwidth cap, a test's fault): gets, lists, deletes and the URL
+/// pass through to [`PutFilter::inner`].
+pub trait PutFilter: Send + Sync + std::fmt::Debug {
+    /// The destination behind.
+    fn inner(&self) -> &dyn Destination;
+    /// [`Destination::put`], filtered.
+    fn filtered_put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError>;
+}
+
+impl<T: PutFilter> Destination for T {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+        self.filtered_put(key, bytes)
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+        self.inner().get(key)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
+        self.inner().list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), DestError> {
+        self.inner().delete(key)
+    }
+    fn url(&self) -> String {
+        self.inner().url()
+    }
+}
+
 /// Keys are relative paths of safe characters: no `..`, no empty parts, no
 /// leading '/'. Shared by every destination so that a key means the same
 /// everywhere.

@@ -670,7 +670,7 @@ mod tests {
 mod stuck_destination {
     //! Invariant 6 of DESIGN.md: the I/O path never waits on the network.
     use super::*;
-    use crate::dest::DirDestination;
+    use crate::dest::{DirDestination, PutFilter};
     use foresnap_driver::tracking::tracker::Begin;
     use std::sync::mpsc;
 
@@ -684,26 +684,18 @@ mod stuck_destination {
         entered: std::sync::atomic::AtomicBool,
     }
 
-    impl Destination for Stuck {
-        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+    impl PutFilter for Stuck {
+        fn inner(&self) -> &dyn Destination {
+            &self.inner
+        }
+
+        fn filtered_put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
             self.entered.store(true, Ordering::SeqCst);
             let mut open = self.gate.lock().unwrap();
             while !*open {
                 open = self.open.wait(open).unwrap();
             }
             self.inner.put(key, bytes)
-        }
-        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
-            self.inner.get(key)
-        }
-        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> Result<(), DestError> {
-            self.inner.delete(key)
-        }
-        fn url(&self) -> String {
-            self.inner.url()
         }
     }
 

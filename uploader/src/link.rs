@@ -76,7 +76,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::dest::{DestError, Destination};
+use crate::dest::{DestError, Destination, PutFilter};
 use crate::units::{UnitError, format_rate, parse_rate};
 
 /// Why a bandwidth cap did not parse. Each message names the text given and
@@ -699,8 +699,12 @@ impl Link {
     }
 }
 
-impl Destination for Link {
-    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+impl PutFilter for Link {
+    fn inner(&self) -> &dyn Destination {
+        self.inner.as_ref()
+    }
+
+    fn filtered_put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
         let len = bytes.len() as u64;
         let cap = self.cap_now();
         let (wait, before) = {
@@ -725,22 +729,6 @@ impl Destination for Link {
             self.state().sampler.record(start, end, len);
         }
         result
-    }
-
-    fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
-        self.inner.get(key)
-    }
-
-    fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
-        self.inner.list(prefix)
-    }
-
-    fn delete(&self, key: &str) -> Result<(), DestError> {
-        self.inner.delete(key)
-    }
-
-    fn url(&self) -> String {
-        self.inner.url()
     }
 }
 

@@ -611,7 +611,7 @@ pub fn run_scheduler(
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use crate::dest::{DestError, Destination, DirDestination};
+    use crate::dest::{DestError, Destination, DirDestination, PutFilter};
     use crate::format::{Codec, Keys, ObjectKind};
     use crate::plan::{PlanConfig, Policy};
     use crate::restore::{read_manifest, restore_image};
@@ -752,26 +752,18 @@ mod tests {
         tracker: Mutex<Option<(Arc<Tracker>, File)>>,
     }
 
-    impl Destination for Racing {
-        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+    impl PutFilter for Racing {
+        fn inner(&self) -> &dyn Destination {
+            &self.inner
+        }
+
+        fn filtered_put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
             if key.contains(".p")
                 && let Some((t, vol)) = lock(&self.tracker).take()
             {
                 t.write_volume(&vol, 4096, &[0xee; 4096]).unwrap();
             }
             self.inner.put(key, bytes)
-        }
-        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
-            self.inner.get(key)
-        }
-        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> Result<(), DestError> {
-            self.inner.delete(key)
-        }
-        fn url(&self) -> String {
-            self.inner.url()
         }
     }
 
