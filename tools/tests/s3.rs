@@ -118,6 +118,32 @@ impl Drop for Server {
     }
 }
 
+/// A new `size`-byte volume file `vol-NAME` in `dir`, open for writing,
+/// with a new tracker (ring `ring-NAME` of `ring_bytes`, one queue).
+fn tracked_volume(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    ring_bytes: u64,
+) -> (Arc<Tracker>, std::fs::File, PathBuf) {
+    let vp = dir.join(format!("vol-{name}"));
+    let vol = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&vp)
+        .unwrap();
+    vol.set_len(size).unwrap();
+    let cfg = TrackerConfig {
+        ring: dir.join(format!("ring-{name}")),
+        ring_bytes,
+        geometry: Geometry::default(),
+    };
+    let (t, _) = Tracker::open(&cfg, &vp, size, 1).unwrap();
+    (Arc::new(t), vol, vp)
+}
+
 fn pattern(len: u64, seed: u64) -> Vec<u8> {
     // xorshift: incompressible, reproducible.
     let mut x = seed | 1;
@@ -194,24 +220,7 @@ fn snapshots_restore_bit_exact(s: &Server) {
     // uploader), both written alike.
     let vols: Vec<(Arc<Tracker>, std::fs::File, PathBuf)> = ["a", "b"]
         .iter()
-        .map(|n| {
-            let vp = dir.path().join(format!("vol-{n}"));
-            let vol = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&vp)
-                .unwrap();
-            vol.set_len(size).unwrap();
-            let cfg = TrackerConfig {
-                ring: dir.path().join(format!("ring-{n}")),
-                ring_bytes: 1 << 20,
-                geometry: Geometry::default(),
-            };
-            let (t, _) = Tracker::open(&cfg, &vp, size, 1).unwrap();
-            (Arc::new(t), vol, vp)
-        })
+        .map(|n| tracked_volume(dir.path(), n, size, 1 << 20))
         .collect();
     let write_both = |off: u64, data: &[u8]| {
         for (t, vol, _) in &vols {
@@ -393,21 +402,7 @@ fn scheduled_predictive_upload(s: &Server) {
 
     let dir = tempfile::tempdir().unwrap();
     let size = 32 * MIB;
-    let vp = dir.path().join("vol");
-    let vol = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&vp)
-        .unwrap();
-    vol.set_len(size).unwrap();
-    let cfg = TrackerConfig {
-        ring: dir.path().join("ring"),
-        ring_bytes: 4 << 20,
-        geometry: Geometry::default(),
-    };
-    let t = Arc::new(Tracker::open(&cfg, &vp, size, 1).unwrap().0);
+    let (t, vol, vp) = tracked_volume(dir.path(), "sched", size, 4 << 20);
     let keys = Keys::new("sched").unwrap();
     let link = Arc::new(Link::new(
         Arc::new(s.open("sched")),
