@@ -52,8 +52,10 @@
 //! block from its own uploads: a block uploaded before the close and
 //! then uploaded again in the same epoch was rewritten in between. Such a
 //! block is *hot* for the rest of that epoch and the next, and
-//! [`Planner::select`] leaves it out of early uploads until the last `L`
-//! seconds before the close (the rest of its chunk goes). The record costs
+//! [`Planner::select`] leaves it out of early uploads (the rest of its
+//! chunk goes) until the close is as near as the start rule says for the
+//! hot blocks alone: `TS < K * D_hot / B + L`, with `D_hot` the bytes of
+//! the dirty hot blocks, so that they go last but still in time. The record costs
 //! one bit per block of the volume for the blocks uploaded in the open
 //! epoch (32 MiB per TiB at 4 KiB blocks) and a set of the hot ones.
 //!
@@ -319,6 +321,8 @@ pub struct Planner {
     /// the epoch before it.
     hot: std::collections::HashSet<u64>,
     hot_before: std::collections::HashSet<u64>,
+    /// Hot blocks go when `TS` is below this (module doc), seconds.
+    hot_lead_s: f64,
     /// Scratch: (P, chunk, dirty blocks) of the candidates.
     scratch: Vec<(f64, u64, u64)>,
 }
@@ -335,6 +339,7 @@ impl Planner {
             uploaded: Vec::new(),
             hot: std::collections::HashSet::new(),
             hot_before: std::collections::HashSet::new(),
+            hot_lead_s: 0.0,
             scratch: Vec::new(),
         }
     }
@@ -389,7 +394,7 @@ impl Planner {
     pub fn select(&self, map: &DirtyMap, chunk: u64, ts_s: Option<f64>, out: &mut Vec<u64>) {
         out.clear();
         map.dirty_blocks(chunk, out);
-        let near = ts_s.is_none_or(|ts| ts <= self.cfg.l_s);
+        let near = ts_s.is_none_or(|ts| ts <= self.hot_lead_s.max(self.cfg.l_s));
         if self.cfg.policy == Policy::Predictive && !near {
             out.retain(|&b| !self.is_hot(b));
         }
@@ -427,6 +432,20 @@ impl Planner {
         }
         let open_bytes = open_blocks * self.block_bytes;
         let d = open_bytes + input.closed_pending_bytes;
+        // The hot blocks' own start rule (module doc).
+        let hot_dirty = self
+            .hot
+            .union(&self.hot_before)
+            .filter(|&&b| {
+                b < map.blocks() && map.state(b) == foresnap_driver::tracking::BlockState::Dirty
+            })
+            .count() as u64;
+        self.hot_lead_s = match input.rate {
+            Some(b) if b > 0.0 => {
+                self.cfg.k * (hot_dirty * self.block_bytes) as f64 / b + self.cfg.l_s
+            }
+            _ => self.cfg.l_s,
+        };
         let mut plan = Plan {
             outstanding_bytes: d,
             open_bytes,
