@@ -665,7 +665,8 @@ def timeline_svg(out, doc):
             o.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + PH}" stroke="{c}" stroke-width="1.5" '
                      f'stroke-dasharray="{dash}"/>')
             anchor, dx = ("end", -4) if x > ML + pw - 150 else ("start", 4)
-            o.append(f'<text x="{x + dx:.1f}" y="{top + 16 + 15 * j}" fill="{c}" text-anchor="{anchor}">'
+            o.append(f'<text x="{x + dx:.1f}" y="{top + 16 + 15 * j}" fill="{c}" text-anchor="{anchor}" '
+                     f'stroke="white" stroke-width="3" paint-order="stroke">'
                      f'{esc(label)} ({t - close:+.1f} s)</text>')
         if pol == "predictive" and not any(k == "start" for k, _ in marks):
             o.append(f'<text x="{ML + 6}" y="{top + 16}" fill="#2ca02c">no predictive start for snapshot {n} in the window</text>')
