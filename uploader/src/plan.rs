@@ -433,13 +433,14 @@ impl Planner {
         let open_bytes = open_blocks * self.block_bytes;
         let d = open_bytes + input.closed_pending_bytes;
         // The hot blocks' own start rule (module doc).
-        let hot_dirty = self
-            .hot
-            .union(&self.hot_before)
-            .filter(|&&b| {
-                b < map.blocks() && map.state(b) == foresnap_driver::tracking::BlockState::Dirty
-            })
-            .count() as u64;
+        let per_chunk = 1u64 << (map.geometry().chunk_shift - map.geometry().block_shift);
+        let mut hot_in: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        for &b in self.hot.union(&self.hot_before) {
+            if b < map.blocks() && map.state(b) == foresnap_driver::tracking::BlockState::Dirty {
+                *hot_in.entry(b / per_chunk).or_default() += 1;
+            }
+        }
+        let hot_dirty: u64 = hot_in.values().sum();
         self.hot_lead_s = match input.rate {
             Some(b) if b > 0.0 => {
                 self.cfg.k * (hot_dirty * self.block_bytes) as f64 / b + self.cfg.l_s
@@ -497,11 +498,25 @@ impl Planner {
         let ts = input.ts_s.unwrap_or(0.0);
         let rate = input.rate.unwrap_or(0.0);
         let mut scratch = std::mem::take(&mut self.scratch);
+        // While hot blocks wait, a chunk offers only its others: one with
+        // nothing else waits whole, and its P is that of what it offers.
+        let hot_wait = ts > self.hot_lead_s.max(self.cfg.l_s);
         for e in &mut scratch {
-            e.0 = self.overwrite_probability(e.1, e.2, ts, rate);
+            if hot_wait && let Some(&h) = hot_in.get(&e.1) {
+                plan.hot_bytes += h.min(e.2) * self.block_bytes;
+                e.2 = e.2.saturating_sub(h);
+            }
+            e.0 = if e.2 == 0 {
+                f64::INFINITY
+            } else {
+                self.overwrite_probability(e.1, e.2, ts, rate)
+            };
         }
         scratch.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         for &(p, c, n) in &scratch {
+            if n == 0 {
+                continue; // only hot blocks: counted above
+            }
             if p >= self.cfg.pt {
                 plan.hot_bytes += n * self.block_bytes;
             } else if plan.chunks.len() < max_chunks && map.chunk_version(c).is_some() {
@@ -692,6 +707,22 @@ mod tests {
         assert_eq!(out.len(), 8, "within L of the close it goes");
         p.select(&m, 0, None, &mut out);
         assert_eq!(out.len(), 8, "no schedule: nothing to wait for");
+        // A chunk whose only dirty block is hot is not offered at all
+        // while hot blocks wait (the link would idle on it), and is once
+        // the close is near.
+        write(&m, 1024, 1);
+        p.uploaded(1, &[1024]);
+        p.uploaded(1, &[1024]);
+        let mut i = input(0.0, 30.0, MIB as f64);
+        i.ts_s = Some(0.5); // started: 0.5 s < K*D/B + L
+        p.plan(&m, &i, 8);
+        i.ts_s = Some(30.0);
+        let plan = p.plan(&m, &i, 8);
+        assert!(plan.started);
+        assert_eq!(plan.chunks, vec![0]);
+        assert_eq!(plan.hot_bytes, 2 * 4096, "blocks 3 and 1024");
+        i.ts_s = Some(4.0);
+        assert_eq!(p.plan(&m, &i, 8).chunks, vec![0, 1]);
         // The next epoch still knows it; the one after forgets.
         let mut i = input(0.0, 30.0, 1.0);
         i.open_epoch = 2;
