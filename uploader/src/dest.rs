@@ -46,6 +46,15 @@ pub trait Destination: Send + Sync + std::fmt::Debug {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError>;
     /// The bytes stored under `key`.
     fn get(&self, key: &str) -> Result<Vec<u8>, DestError>;
+    /// The bytes stored under `key`, for a reader that checks them with
+    /// `valid` (a checksum): a destination that holds several copies
+    /// ([`crate::copies::Copies`]) returns a copy that passes, trying the
+    /// others when one does not. A single copy is returned as it is: the
+    /// caller's check reports the damage.
+    fn get_valid(&self, key: &str, valid: &dyn Fn(&[u8]) -> bool) -> Result<Vec<u8>, DestError> {
+        let _ = valid;
+        self.get(key)
+    }
     /// Keys under `prefix` (a key prefix ending in '/'), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>, DestError>;
     /// Removes `key`; a missing key is not an error.
@@ -70,6 +79,9 @@ impl<T: PutFilter> Destination for T {
     }
     fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
         self.inner().get(key)
+    }
+    fn get_valid(&self, key: &str, valid: &dyn Fn(&[u8]) -> bool) -> Result<Vec<u8>, DestError> {
+        self.inner().get_valid(key, valid)
     }
     fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
         self.inner().list(prefix)

@@ -654,6 +654,11 @@ impl Keys {
         format!("{}/manifests/", self.prefix)
     }
 
+    /// Where the data objects are (a listing prefix).
+    pub fn objects(&self) -> String {
+        format!("{}/objects/", self.prefix)
+    }
+
     /// The key of a snapshot's manifest.
     pub fn manifest(&self, snapshot: u32) -> String {
         format!("{}/manifests/{snapshot:010}", self.prefix)

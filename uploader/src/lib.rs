@@ -8,6 +8,7 @@
 //! rebuilds a volume image from a manifest, checking every object's
 //! checksums before its bytes are used.
 
+pub mod copies;
 pub mod dest;
 pub mod engine;
 pub mod format;

@@ -386,9 +386,12 @@ pub fn read_manifest(
     snapshot: u32,
 ) -> Result<Manifest, SnapshotError> {
     let key = keys.manifest(snapshot);
-    let m = Manifest::decode(&dest.get(&key)?).map_err(|source| SnapshotError::Format {
-        key: key.clone(),
-        error: source,
+    let valid = |b: &[u8]| Manifest::decode(b).is_ok_and(|m| m.snapshot == snapshot);
+    let m = Manifest::decode(&dest.get_valid(&key, &valid)?).map_err(|source| {
+        SnapshotError::Format {
+            key: key.clone(),
+            error: source,
+        }
     })?;
     if m.snapshot != snapshot {
         return Err(SnapshotError::Mismatch {
@@ -420,12 +423,29 @@ fn load_chunk(
     buf.resize(len, 0);
     for &r in refs {
         let key = keys.object(chunk, r);
-        let o = decode_object(&dest.get(&key)?, manifest.chunk_bytes).map_err(|source| {
-            SnapshotError::Format {
-                key: key.clone(),
-                error: source,
+        // With several copies, a damaged one is passed over for another
+        // (`get_valid`); the object decoded by the check is kept.
+        let decoded = std::cell::RefCell::new(None);
+        let bytes = dest.get_valid(&key, &|b| match decode_object(b, manifest.chunk_bytes) {
+            Ok(o)
+                if o.chunk == chunk
+                    && o.kind == r.kind
+                    && o.block_bytes == manifest.block_bytes =>
+            {
+                *decoded.borrow_mut() = Some(o);
+                true
             }
+            _ => false,
         })?;
+        let o = match decoded.into_inner() {
+            Some(o) => o,
+            None => decode_object(&bytes, manifest.chunk_bytes).map_err(|source| {
+                SnapshotError::Format {
+                    key: key.clone(),
+                    error: source,
+                }
+            })?,
+        };
         if o.chunk != chunk || o.kind != r.kind || o.block_bytes != manifest.block_bytes {
             return Err(SnapshotError::Mismatch {
                 key,

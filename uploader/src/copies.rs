@@ -1,0 +1,827 @@
+//! Several copies of a volume's snapshots, at several destinations: the
+//! `mirror` policy writes every object to every member, and a restore reads
+//! from whichever member is healthy and fastest, failing over when one
+//! errors, stalls or returns damaged bytes, and spreading concurrent reads
+//! over the members.
+//!
+//! # Writes: a snapshot is complete at every member
+//!
+//! [`Copies::put`] stores the object at every member at once and succeeds
+//! only when every member holds it, so the uploader's order (objects, then
+//! the manifest last) holds at each member: a manifest is written to a
+//! member only after all the snapshot's objects are there, and a member
+//! that lists a snapshot holds all of it (DESIGN.md, invariant 4). A member
+//! that already holds the key with the same bytes counts as stored (a
+//! retried put after a crash, or a manifest written to one member before
+//! another failed); different bytes are [`DestError::AlreadyExists`], as for
+//! a single destination.
+//!
+//! A snapshot is a delta over its parents' objects, so a member that joins
+//! a mirror (or missed snapshots while it was unreachable) first needs the
+//! objects of the snapshot the next one builds on: [`Copies::catch_up`]
+//! copies the newest snapshot's missing objects to it, verified, and then
+//! its manifest. Older snapshots stay where they are: `foresnap snapshots`
+//! shows which member holds which.
+//!
+//! # Reads: health, latency, failover, spreading
+//!
+//! Each member keeps a moving average of its read latency, its reads in
+//! flight, and after an error a back-off window during which it is tried
+//! only when the others have failed. A read goes to the member with the
+//! smallest `latency x (reads in flight + 1)`: an idle fast member first,
+//! and under concurrent reads (a restore's workers) the load spreads so
+//! that two copies serve about twice the reads of one. A read that fails,
+//! or whose bytes the caller's check refuses ([`Destination::get_valid`]),
+//! is retried at the next member. A read that takes longer than the stall
+//! limit (several times the member's usual latency, and at least
+//! [`Copies::with_stall`]) is raced by the same read at the next member:
+//! the first good answer wins, and the stalled member is put in back-off.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::dest::{DestError, Destination};
+use crate::format::{Keys, MAX_CHUNK_BYTES, Manifest, decode_object};
+
+/// Latency assumed for a member before its first read: reads are spread by
+/// the in-flight count alone until they are measured.
+const UNMEASURED_S: f64 = 0.05;
+/// Weight of the newest read in the latency average.
+const EWMA_ALPHA: f64 = 0.2;
+/// A read is stalled after this many times its member's usual latency...
+const STALL_FACTOR: f64 = 8.0;
+/// ...and never before this (a slow store's big object is not a stall).
+pub const DEFAULT_STALL: Duration = Duration::from_secs(5);
+/// Back-off after the first error: doubled per further error, up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One member: its destination and what reads taught about it.
+#[derive(Debug)]
+struct Member {
+    dest: Arc<dyn Destination>,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    /// Moving average of successful read latency, seconds.
+    latency_s: Option<f64>,
+    /// Errors (and stalls) since the last success.
+    failures: u32,
+    /// Tried only after the healthy members until then.
+    backoff_until: Option<Instant>,
+    reads: u64,
+    errors: u64,
+}
+
+/// What a member's reads looked like, for reports and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberStats {
+    pub url: String,
+    /// Reads it answered (with bytes).
+    pub reads: u64,
+    /// Reads that failed, stalled, or returned bytes the check refused.
+    pub errors: u64,
+    /// Its average read latency, once measured.
+    pub latency_s: Option<f64>,
+}
+
+impl Member {
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn succeeded(&self, elapsed: Duration) {
+        let mut h = self.health();
+        let s = elapsed.as_secs_f64();
+        h.latency_s = Some(match h.latency_s {
+            Some(l) => l + EWMA_ALPHA * (s - l),
+            None => s,
+        });
+        h.failures = 0;
+        h.backoff_until = None;
+        h.reads += 1;
+    }
+
+    fn failed(&self) {
+        let mut h = self.health();
+        h.failures = h.failures.saturating_add(1);
+        h.errors += 1;
+        let backoff = FIRST_BACKOFF
+            .saturating_mul(1 << (h.failures - 1).min(16))
+            .min(MAX_BACKOFF);
+        h.backoff_until = Some(Instant::now() + backoff);
+    }
+}
+
+/// Copies of one volume's snapshots at several destinations (module doc).
+#[derive(Debug)]
+pub struct Copies {
+    members: Vec<Member>,
+    min_stall: Duration,
+}
+
+/// What a read at one member brought back.
+type Answer = (usize, Duration, Result<Vec<u8>, DestError>);
+
+impl Copies {
+    /// Copies at `members` (at least one), in the order given: the first is
+    /// preferred until reads are measured.
+    pub fn new(members: Vec<Arc<dyn Destination>>) -> Copies {
+        assert!(!members.is_empty(), "copies need at least one destination");
+        Copies {
+            members: members
+                .into_iter()
+                .map(|dest| Member {
+                    dest,
+                    in_flight: AtomicUsize::new(0),
+                    health: Mutex::new(Health::default()),
+                })
+                .collect(),
+            min_stall: DEFAULT_STALL,
+        }
+    }
+
+    /// A read is raced at another member after `stall` at the least.
+    #[must_use]
+    pub fn with_stall(mut self, stall: Duration) -> Copies {
+        self.min_stall = stall;
+        self
+    }
+
+    /// The member destinations, in the order given.
+    pub fn members(&self) -> impl Iterator<Item = &Arc<dyn Destination>> {
+        self.members.iter().map(|m| &m.dest)
+    }
+
+    /// Per member, in the order given: reads, errors, latency.
+    pub fn stats(&self) -> Vec<MemberStats> {
+        self.members
+            .iter()
+            .map(|m| {
+                let h = *m.health();
+                MemberStats {
+                    url: m.dest.url(),
+                    reads: h.reads,
+                    errors: h.errors,
+                    latency_s: h.latency_s,
+                }
+            })
+            .collect()
+    }
+
+    /// The members to try for a read, best first (module doc).
+    fn order(&self) -> Vec<usize> {
+        let now = Instant::now();
+        let mut scored: Vec<(bool, f64, usize)> = self
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let h = *m.health();
+                let backing_off = h.backoff_until.is_some_and(|t| t > now);
+                let load = m.in_flight.load(Ordering::Relaxed) as f64 + 1.0;
+                (backing_off, h.latency_s.unwrap_or(UNMEASURED_S) * load, i)
+            })
+            .collect();
+        scored.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        scored.into_iter().map(|s| s.2).collect()
+    }
+
+    fn stall_limit(&self, i: usize) -> Duration {
+        let usual = self.members[i].health().latency_s.unwrap_or(0.0);
+        Duration::from_secs_f64(usual * STALL_FACTOR).max(self.min_stall)
+    }
+
+    /// Starts a read of `key` at member `i` on its own thread (a stalled
+    /// read cannot be cancelled, only left behind); its answer comes on
+    /// `tx`.
+    fn launch(&self, i: usize, key: &str, tx: &mpsc::Sender<Answer>) {
+        let m = &self.members[i];
+        m.in_flight.fetch_add(1, Ordering::Relaxed);
+        let dest = m.dest.clone();
+        let k = key.to_owned();
+        let sender = tx.clone();
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("copies-read".into())
+            .spawn(move || {
+                let r = dest.get(&k);
+                // The receiver is gone when another member answered first.
+                let _ = sender.send((i, started.elapsed(), r));
+            });
+        if let Err(e) = spawned {
+            let _ = tx.send((
+                i,
+                Duration::ZERO,
+                Err(DestError::Remote {
+                    dest: m.dest.url(),
+                    op: "get",
+                    key: key.to_owned(),
+                    why: format!("cannot start a read thread: {e}"),
+                }),
+            ));
+        }
+    }
+
+    /// The read behind [`Destination::get`] and [`Destination::get_valid`].
+    fn read(&self, key: &str, valid: &dyn Fn(&[u8]) -> bool) -> Result<Vec<u8>, DestError> {
+        if self.members.len() == 1 {
+            return self.members[0].dest.get(key);
+        }
+        let order = self.order();
+        let (tx, rx) = mpsc::channel::<Answer>();
+        let mut next = 0;
+        let mut running = 0;
+        let mut deadline = Instant::now();
+        // The first error worth reporting: a missing key only if every
+        // member lacks it; bytes refused by the check are returned when no
+        // member has better (the caller's check then names the damage).
+        let mut error: Option<DestError> = None;
+        let mut refused: Option<Vec<u8>> = None;
+        loop {
+            if running == 0 || Instant::now() >= deadline {
+                if next < order.len() {
+                    self.launch(order[next], key, &tx);
+                    deadline = Instant::now() + self.stall_limit(order[next]);
+                    next += 1;
+                    running += 1;
+                } else if running == 0 {
+                    break;
+                } else {
+                    // Every member is asked; wait for whichever answers.
+                    deadline = Instant::now() + Duration::from_secs(3600);
+                }
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let (i, elapsed, r) = match rx.recv_timeout(wait) {
+                Ok(a) => a,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Stalled: the member in front is penalized, and the
+                    // read is raced at the next one.
+                    if next < order.len() {
+                        log::warn!(
+                            "{}: read of {key} stalled; trying {}",
+                            self.members[order[next - 1]].dest.url(),
+                            self.members[order[next]].dest.url()
+                        );
+                        self.members[order[next - 1]].failed();
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            running -= 1;
+            let m = &self.members[i];
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match r {
+                Ok(bytes) if valid(&bytes) => {
+                    m.succeeded(elapsed);
+                    return Ok(bytes);
+                }
+                Ok(bytes) => {
+                    log::warn!("{}: {key} is damaged; trying another copy", m.dest.url());
+                    m.failed();
+                    refused.get_or_insert(bytes);
+                }
+                Err(e) => {
+                    if !matches!(e, DestError::NotFound { .. }) {
+                        log::warn!("{e}; trying another copy");
+                        m.failed();
+                    }
+                    let replace = match &error {
+                        None => true,
+                        Some(DestError::NotFound { .. }) => {
+                            !matches!(e, DestError::NotFound { .. })
+                        }
+                        Some(_) => false,
+                    };
+                    if replace {
+                        error = Some(e);
+                    }
+                }
+            }
+            // Move on at once: the next member is asked now.
+            deadline = Instant::now();
+        }
+        if let Some(bytes) = refused {
+            return Ok(bytes);
+        }
+        Err(match error {
+            Some(DestError::NotFound { key, .. }) => DestError::NotFound {
+                dest: self.url(),
+                key,
+            },
+            Some(e) => e,
+            None => DestError::Remote {
+                dest: self.url(),
+                op: "get",
+                key: key.to_owned(),
+                why: "no copy answered".into(),
+            },
+        })
+    }
+
+    /// Brings member `i` up to the newest snapshot of `keys` that any member
+    /// holds (module doc): copies that snapshot's objects it lacks, each
+    /// verified, then its manifest. `progress(done, total)` counts objects.
+    /// Returns the snapshot and the number of objects copied, or `None`
+    /// when no member holds a snapshot or `i` already holds the newest.
+    pub fn catch_up(
+        &self,
+        i: usize,
+        keys: &Keys,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Option<(u32, u64)>, CatchUpError> {
+        let member = &self.members[i].dest;
+        let mut newest: Option<(u32, usize)> = None;
+        let mut mine = Vec::new();
+        for (j, m) in self.members.iter().enumerate() {
+            let ids = match m.dest.list(&keys.manifests()) {
+                Ok(k) => keys.snapshot_ids(&k),
+                Err(e) if j == i => return Err(e.into()),
+                Err(e) => {
+                    log::warn!("{e}: its snapshots are not considered");
+                    continue;
+                }
+            };
+            if j == i {
+                mine = ids.clone();
+            }
+            if let Some(&id) = ids.last()
+                && newest.is_none_or(|(n, _)| id > n)
+            {
+                newest = Some((id, j));
+            }
+        }
+        let Some((id, _)) = newest else {
+            return Ok(None);
+        };
+        if mine.contains(&id) {
+            return Ok(None);
+        }
+        let mkey = keys.manifest(id);
+        let mbytes = self.get_valid(&mkey, &|b| {
+            Manifest::decode(b).is_ok_and(|m| m.snapshot == id)
+        })?;
+        let manifest = Manifest::decode(&mbytes).map_err(|error| CatchUpError::Damaged {
+            key: mkey.clone(),
+            why: error.to_string(),
+        })?;
+        let have: std::collections::BTreeSet<String> =
+            member.list(&keys.objects())?.into_iter().collect();
+        let mut wanted = Vec::new();
+        for (c, refs) in manifest.chunks.iter().enumerate() {
+            for &r in refs {
+                let key = keys.object(c as u64, r);
+                if !have.contains(&key) {
+                    wanted.push((c as u64, r, key));
+                }
+            }
+        }
+        wanted.sort();
+        wanted.dedup();
+        let total = wanted.len() as u64;
+        for (n, (chunk, r, key)) in wanted.iter().enumerate() {
+            let ok = |b: &[u8]| {
+                decode_object(b, MAX_CHUNK_BYTES).is_ok_and(|o| {
+                    o.chunk == *chunk && o.kind == r.kind && o.block_bytes == manifest.block_bytes
+                })
+            };
+            let bytes = self.get_valid(key, &ok)?;
+            if !ok(&bytes) {
+                return Err(CatchUpError::Damaged {
+                    key: key.clone(),
+                    why: "no copy holds it undamaged".into(),
+                });
+            }
+            match member.put(key, &bytes) {
+                Ok(()) | Err(DestError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            progress(n as u64 + 1, total);
+        }
+        match member.put(&mkey, &mbytes) {
+            Ok(()) | Err(DestError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some((id, total)))
+    }
+}
+
+/// Why [`Copies::catch_up`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error(transparent)]
+    Dest(#[from] DestError),
+    #[error("{key}: {why}")]
+    Damaged { key: String, why: String },
+}
+
+impl Destination for Copies {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+        let results: Vec<Result<(), DestError>> = if self.members.len() == 1 {
+            vec![self.members[0].dest.put(key, bytes)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = self.members[1..]
+                    .iter()
+                    .map(|m| s.spawn(|| m.dest.put(key, bytes)))
+                    .collect();
+                let mut out = vec![self.members[0].dest.put(key, bytes)];
+                for h in handles {
+                    out.push(h.join().unwrap_or_else(|_| {
+                        Err(DestError::Remote {
+                            dest: self.url(),
+                            op: "put",
+                            key: key.to_owned(),
+                            why: "a member's put panicked".into(),
+                        })
+                    }));
+                }
+                out
+            })
+        };
+        let mut exists = None;
+        for (m, r) in self.members.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(e @ DestError::AlreadyExists { .. }) => {
+                    // The same bytes are a put that happened (module doc).
+                    match m.dest.get(key) {
+                        Ok(there) if there == bytes => {}
+                        Ok(_) => {
+                            exists.get_or_insert(e);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        exists.map_or(Ok(()), Err)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+        self.read(key, &|_| true)
+    }
+
+    fn get_valid(&self, key: &str, valid: &dyn Fn(&[u8]) -> bool) -> Result<Vec<u8>, DestError> {
+        self.read(key, valid)
+    }
+
+    /// The keys any reachable member holds (a member that cannot be listed
+    /// is skipped, unless none can).
+    fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
+        let mut all = std::collections::BTreeSet::new();
+        let mut first_error = None;
+        let mut answered = false;
+        for m in &self.members {
+            match m.dest.list(prefix) {
+                Ok(keys) => {
+                    answered = true;
+                    all.extend(keys);
+                }
+                Err(e) => {
+                    log::warn!("{e}: listing the other copies");
+                    m.failed();
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if !answered => Err(e),
+            _ => Ok(all.into_iter().collect()),
+        }
+    }
+
+    /// Deletes at every member; the first error after trying all.
+    fn delete(&self, key: &str) -> Result<(), DestError> {
+        let mut first_error = None;
+        for m in &self.members {
+            if let Err(e) = m.dest.delete(key) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn url(&self) -> String {
+        let urls: Vec<String> = self.members.iter().map(|m| m.dest.url()).collect();
+        format!("mirror({})", urls.join(", "))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests {
+    use super::*;
+    use crate::dest::DirDestination;
+    use crate::format::{Codec, ObjectKind, ObjectRef};
+    use crate::restore::{SnapshotWriter, read_manifest, restore_image};
+    use std::sync::atomic::AtomicBool;
+
+    const MIB: usize = 1 << 20;
+
+    /// A member whose reads can fail, stall or return damaged bytes, and
+    /// that counts its reads.
+    #[derive(Debug)]
+    struct Faulty {
+        inner: DirDestination,
+        fail: AtomicBool,
+        corrupt: AtomicBool,
+        stall: Mutex<Duration>,
+        delay: Duration,
+        gets: AtomicUsize,
+    }
+
+    impl Faulty {
+        fn new(dir: &std::path::Path, delay: Duration) -> Arc<Faulty> {
+            Arc::new(Faulty {
+                inner: DirDestination::open(dir).unwrap(),
+                fail: AtomicBool::new(false),
+                corrupt: AtomicBool::new(false),
+                stall: Mutex::new(Duration::ZERO),
+                delay,
+                gets: AtomicUsize::new(0),
+            })
+        }
+        fn gets(&self) -> usize {
+            self.gets.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Destination for Faulty {
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+            self.inner.put(key, bytes)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+            self.gets.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(self.delay + *self.stall.lock().unwrap());
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(DestError::Remote {
+                    dest: self.url(),
+                    op: "get",
+                    key: key.to_owned(),
+                    why: "injected".into(),
+                });
+            }
+            let mut b = self.inner.get(key)?;
+            if self.corrupt.load(Ordering::Relaxed)
+                && let Some(x) = b.last_mut()
+            {
+                *x ^= 1;
+            }
+            Ok(b)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
+            if self.fail.load(Ordering::Relaxed) {
+                return Err(DestError::Remote {
+                    dest: self.url(),
+                    op: "list",
+                    key: prefix.to_owned(),
+                    why: "injected".into(),
+                });
+            }
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), DestError> {
+            self.inner.delete(key)
+        }
+        fn url(&self) -> String {
+            self.inner.url()
+        }
+    }
+
+    fn two(dir: &std::path::Path, delay: Duration) -> (Arc<Faulty>, Arc<Faulty>, Copies) {
+        let a = Faulty::new(&dir.join("a"), delay);
+        let b = Faulty::new(&dir.join("b"), delay);
+        let c = Copies::new(vec![a.clone(), b.clone()]);
+        (a, b, c)
+    }
+
+    #[test]
+    fn a_put_reaches_every_member_and_a_repeat_of_the_same_bytes_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = two(dir.path(), Duration::ZERO);
+        c.put("v/x", b"one").unwrap();
+        assert_eq!(a.inner.get("v/x").unwrap(), b"one");
+        assert_eq!(b.inner.get("v/x").unwrap(), b"one");
+        // A member stored it before a crash; the retry completes the rest.
+        b.inner.put("v/y", b"two").unwrap();
+        c.put("v/y", b"two").unwrap();
+        assert_eq!(a.inner.get("v/y").unwrap(), b"two");
+        // Other bytes under an existing key are refused, as anywhere.
+        assert!(matches!(
+            c.put("v/y", b"TWO"),
+            Err(DestError::AlreadyExists { .. })
+        ));
+        assert_eq!(c.list("v/").unwrap(), vec!["v/x", "v/y"]);
+        c.delete("v/x").unwrap();
+        assert!(
+            a.inner.list("v/").unwrap() == vec!["v/y"]
+                && b.inner.list("v/").unwrap() == vec!["v/y"]
+        );
+        assert!(c.url().starts_with("mirror(file://"));
+    }
+
+    #[test]
+    fn reads_fail_over_on_errors_missing_keys_and_damaged_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = two(dir.path(), Duration::ZERO);
+        c.put("v/k", b"payload").unwrap();
+        let valid = |x: &[u8]| x == b"payload";
+
+        a.fail.store(true, Ordering::Relaxed);
+        assert_eq!(c.get_valid("v/k", &valid).unwrap(), b"payload");
+        // The failed member backs off: the next read goes to b first.
+        let before = a.gets();
+        assert_eq!(c.get("v/k").unwrap(), b"payload");
+        assert_eq!(a.gets(), before, "a member in back-off is not asked first");
+        a.fail.store(false, Ordering::Relaxed);
+
+        // Damaged at one member: the other's copy is returned.
+        b.corrupt.store(true, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(c.get_valid("v/k", &valid).unwrap(), b"payload");
+        }
+        // Damaged everywhere: the bytes come back for the caller's check
+        // to name the damage; never as valid.
+        a.corrupt.store(true, Ordering::Relaxed);
+        assert_ne!(c.get_valid("v/k", &valid).unwrap(), b"payload");
+        a.corrupt.store(false, Ordering::Relaxed);
+        b.corrupt.store(false, Ordering::Relaxed);
+
+        // Missing at one member.
+        a.inner.delete("v/k").unwrap();
+        assert_eq!(c.get("v/k").unwrap(), b"payload");
+        // Missing everywhere: NotFound, named for the mirror.
+        b.inner.delete("v/k").unwrap();
+        match c.get("v/k") {
+            Err(DestError::NotFound { dest, .. }) => assert!(dest.starts_with("mirror(")),
+            other => panic!("{other:?}"),
+        }
+        // An error other than a missing key is the one reported.
+        a.fail.store(true, Ordering::Relaxed);
+        assert!(matches!(c.get("v/k"), Err(DestError::Remote { .. })));
+        let s = c.stats();
+        assert!(s[0].errors >= 2 && s[1].errors >= 1, "{s:?}");
+    }
+
+    #[test]
+    fn a_stalled_read_is_raced_at_another_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = two(dir.path(), Duration::ZERO);
+        let c = c.with_stall(Duration::from_millis(100));
+        c.put("v/k", b"payload").unwrap();
+        *a.stall.lock().unwrap() = Duration::from_secs(5);
+        let t = Instant::now();
+        assert_eq!(c.get("v/k").unwrap(), b"payload");
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(4),
+            "waited for the stall: {took:?}"
+        );
+        assert_eq!((a.gets(), b.gets()), (1, 1));
+        assert_eq!(c.stats()[0].errors, 1, "the stall counts against a");
+    }
+
+    #[test]
+    fn concurrent_reads_spread_over_the_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = two(dir.path(), Duration::from_millis(10));
+        c.put("v/k", b"payload").unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..16 {
+                        assert_eq!(c.get("v/k").unwrap(), b"payload");
+                    }
+                });
+            }
+        });
+        // 64 reads by 4 readers: each member served a real share.
+        assert_eq!(a.gets() + b.gets(), 64);
+        assert!(
+            a.gets() >= 8 && b.gets() >= 8,
+            "{} / {}",
+            a.gets(),
+            b.gets()
+        );
+    }
+
+    /// A member that joins a mirror gets the newest snapshot's objects and
+    /// manifest, and then restores it alone, bit-exact.
+    #[test]
+    fn catch_up_makes_a_new_member_hold_the_newest_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("a")).unwrap());
+        let b: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("b")).unwrap());
+        let keys = Keys::new("vol").unwrap();
+        let vol = 2 * MIB as u64;
+        let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 253) as u8).collect();
+        let base = Manifest {
+            volume_id: [7; 16],
+            snapshot: 0,
+            parent: 0,
+            closed_ms: 0,
+            volume_bytes: vol,
+            block_bytes: 4096,
+            chunk_bytes: MIB as u32,
+            chunks: Vec::new(),
+        };
+        let w = SnapshotWriter::new(a.as_ref(), &keys, &base, None, 1, 1, Codec::Zstd(1));
+        w.put_chunk(0, &image[..MIB]).unwrap();
+        w.put_chunk(1, &image[MIB..]).unwrap();
+        let m1 = w.commit().unwrap();
+        image[4096..8192].fill(0xAB);
+        let w = SnapshotWriter::new(a.as_ref(), &keys, &base, Some(&m1), 2, 2, Codec::Zstd(1));
+        w.put_delta(0, &[(1, &image[4096..8192])]).unwrap();
+        let m2 = w.commit().unwrap();
+
+        let c = Copies::new(vec![a.clone(), b.clone()]);
+        let mut calls = Vec::new();
+        let r = c.catch_up(1, &keys, |d, t| calls.push((d, t))).unwrap();
+        assert_eq!(r, Some((2, 3)), "snapshot 2: two chunks and a delta");
+        assert_eq!(calls.last(), Some(&(3, 3)));
+        assert_eq!(b.list(&keys.manifests()).unwrap(), vec![keys.manifest(2)]);
+        assert_eq!(
+            c.catch_up(1, &keys, |_, _| {}).unwrap(),
+            None,
+            "already there"
+        );
+        assert_eq!(c.catch_up(0, &keys, |_, _| {}).unwrap(), None);
+
+        let m = read_manifest(b.as_ref(), &keys, 2).unwrap();
+        assert_eq!(m, m2);
+        let out = dir.path().join("restored");
+        restore_image(b.as_ref(), &keys, &m, &out, 2, |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), image);
+
+        // A damaged object at the only holder is refused, never copied.
+        let d: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("d")).unwrap());
+        let key = keys.object(0, ObjectRef::own(2, ObjectKind::Delta));
+        let p = dir.path().join("a").join(&key);
+        let mut bytes = std::fs::read(&p).unwrap();
+        let n = bytes.len() - 1;
+        bytes[n] ^= 1;
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        let c = Copies::new(vec![a, d.clone()]);
+        let e = c.catch_up(1, &keys, |_, _| {}).unwrap_err();
+        assert!(e.to_string().contains(&key), "{e}");
+        assert!(
+            d.list(&keys.manifests()).unwrap().is_empty(),
+            "no manifest without its objects"
+        );
+    }
+
+    /// Restore through a mirror whose preferred copy lost an object and
+    /// has another damaged: the other copy serves them.
+    #[test]
+    fn restore_through_copies_passes_over_lost_and_damaged_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Faulty::new(&dir.path().join("a"), Duration::ZERO);
+        let b = Faulty::new(&dir.path().join("b"), Duration::ZERO);
+        let c = Copies::new(vec![a.clone(), b.clone()]);
+        let keys = Keys::new("vol").unwrap();
+        let vol = 3 * MIB as u64;
+        let image: Vec<u8> = (0..vol as usize).map(|i| (i % 241) as u8).collect();
+        let base = Manifest {
+            volume_id: [7; 16],
+            snapshot: 0,
+            parent: 0,
+            closed_ms: 0,
+            volume_bytes: vol,
+            block_bytes: 4096,
+            chunk_bytes: MIB as u32,
+            chunks: Vec::new(),
+        };
+        let w = SnapshotWriter::new(&c, &keys, &base, None, 1, 1, Codec::Zstd(1));
+        for i in 0..3 {
+            w.put_chunk(i as u64, &image[i * MIB..(i + 1) * MIB])
+                .unwrap();
+        }
+        let m = w.commit().unwrap();
+        let k0 = keys.object(0, ObjectRef::own(1, ObjectKind::Chunk));
+        let k1 = keys.object(1, ObjectRef::own(1, ObjectKind::Chunk));
+        a.inner.delete(&k0).unwrap();
+        let p = dir.path().join("a").join(&k1);
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[100] ^= 0x10;
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        let out = dir.path().join("out");
+        restore_image(&c, &keys, &m, &out, 1, |_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), image);
+        assert!(b.gets() >= 2, "b served what a lacks");
+    }
+}
