@@ -51,14 +51,16 @@ pub enum Command {
     /// List the complete snapshots of a volume at a destination.
     #[command(after_help = "Examples:\n  \
         foresnap snapshots --dest file:///backup --volume db\n  \
-        foresnap snapshots --dest 's3://backups/prod?endpoint=http://127.0.0.1:8333' --volume db")]
+        foresnap snapshots --dest 's3://backups/prod?endpoint=http://127.0.0.1:8333' --volume db\n  \
+        foresnap snapshots --dest file:///backup --dest s3://backups/prod --volume db")]
     Snapshots(DestArgs),
     /// Restore a snapshot from a destination into a new image file or onto
     /// a whole block device (not mounted); every object is verified before
     /// its bytes are written.
     #[command(after_help = "Examples:\n  \
         foresnap restore --dest file:///backup --volume db --to /var/tmp/db.img\n  \
-        foresnap restore --dest file:///backup --volume db --snapshot 12 --to /dev/vdb")]
+        foresnap restore --dest file:///backup --volume db --snapshot 12 --to /dev/vdb\n  \
+        foresnap restore --dest s3://backups/prod --dest file:///mnt/copy --volume db --to db.img")]
     Restore(RestoreArgs),
     /// Read and check every object of a volume's snapshots (or of one)
     /// without restoring; name each missing or corrupt object. Exits
@@ -74,7 +76,8 @@ pub enum Command {
     /// takes the backing's data whole into its first snapshot.
     #[command(after_help = "Examples:\n  \
         foresnap backup --backing /var/lib/foresnap/db.img --dest file:///backup --volume db\n  \
-        foresnap backup --backing db.img --dest 's3://backups/prod?region=eu-west-1'")]
+        foresnap backup --backing db.img --dest 's3://backups/prod?region=eu-west-1'\n  \
+        foresnap backup --backing db.img --dest s3://backups/prod --dest file:///mnt/copy --dest-policy mirror")]
     Backup(BackupArgs),
     /// Write the content a snapshot awaiting upload had at its close, for
     /// its changed blocks, into a new sparse volume-sized file (the rest
@@ -192,8 +195,12 @@ pub struct DestArgs {
     /// The destination: file:///PATH or
     /// s3://BUCKET/PREFIX?endpoint=URL&region=R&path-style=true|false
     /// (credentials from the standard AWS environment and profiles).
-    #[arg(long, value_name = "URL")]
-    pub dest: String,
+    /// Repeatable, for a volume with copies at several destinations: a
+    /// restore reads from the healthiest, fastest copy, fails over to the
+    /// others and spreads its reads over them; `snapshots` shows where each
+    /// snapshot is; `verify` checks every copy.
+    #[arg(long, value_name = "URL", required = true)]
+    pub dest: Vec<String>,
     /// The volume's name there.
     #[arg(long, value_name = "NAME")]
     pub volume: String,
@@ -252,16 +259,27 @@ fn parse_workers(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("invalid worker count '{s}': give 1 to 64"))
 }
 
+/// How a volume's snapshots use its destinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DestPolicy {
+    Single,
+    Mirror,
+}
+
 /// Where and how snapshots are uploaded (`serve`, `backup`).
 #[derive(Debug, clap::Args)]
 pub struct UploadArgs {
     /// Upload every closed snapshot to this destination: file:///PATH (a
     /// directory, also an NFS mount) or
-    /// s3://BUCKET/PREFIX?endpoint=URL&region=R. Repeatable: the first
-    /// receives the snapshots; the others are opened and checked now, for
-    /// the destination policies that will use them.
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=R. Repeatable, with
+    /// --dest-policy mirror.
     #[arg(long, value_name = "URL")]
     pub dest: Vec<String>,
+    /// How snapshots use the destinations: `single` (one --dest) or
+    /// `mirror` (every snapshot complete at every --dest; a destination new
+    /// to the volume first receives the newest snapshot's objects).
+    #[arg(long, value_name = "POLICY", value_enum, default_value = "single")]
+    pub dest_policy: DestPolicy,
     /// The volume's name at the destination [default: the backing file's
     /// name].
     #[arg(long, value_name = "NAME")]

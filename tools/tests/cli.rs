@@ -278,3 +278,166 @@ fn serve_schedule_options_are_checked_first() {
     ]);
     assert!(e.contains("predictive"), "{e}");
 }
+
+/// `backup --dest-policy mirror` to two directories: a directory new to
+/// the volume first receives the newest snapshot; `snapshots` says where
+/// each snapshot is; each copy restores alone, bit-exact; damage at one
+/// copy is found by `verify` and passed over by `restore`, which reads
+/// from both. Bad policy/destination combinations are one-line errors.
+#[test]
+fn mirrored_backups_restore_from_every_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol.img");
+    let image: Vec<u8> = (0..6u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+        .collect();
+    std::fs::write(&vol, &image).unwrap();
+    let a = format!("file://{}", dir.path().join("a").display());
+    let b = format!("file://{}", dir.path().join("b").display());
+    let backup = |dests: &[&str], policy: &str| {
+        let mut c = foresnap();
+        c.args([
+            "backup",
+            "--volume",
+            "v",
+            "--chunk-size",
+            "1M",
+            "--dest-policy",
+            policy,
+        ]);
+        for d in dests {
+            c.args(["--dest", d]);
+        }
+        c.arg("--backing").arg(&vol);
+        common::run(&mut c)
+    };
+    // Snapshots 1 and 2 at a only; snapshot 3 mirrored: b first gets
+    // snapshot 2's objects and manifest (what snapshot 3 builds on).
+    assert!(backup(&[&a], "single").contains("snapshot 1 uploaded"));
+    assert!(backup(&[&a], "single").contains("snapshot 2 uploaded"));
+    assert!(backup(&[&a, &b], "mirror").contains("snapshot 3 uploaded"));
+    let listed =
+        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(
+        lines[0].starts_with("snapshot 1 ")
+            && lines[0].ends_with(&format!("complete at: {a}  not at: {b}")),
+        "{listed}"
+    );
+    for l in &lines[1..] {
+        assert!(l.ends_with(&format!("complete at: {a}, {b}")), "{listed}");
+    }
+
+    let restore = |dests: &[&str], to: &str| {
+        let mut c = foresnap();
+        c.args([
+            "restore",
+            "--volume",
+            "v",
+            "--snapshot",
+            "2",
+            "--workers",
+            "2",
+        ]);
+        for d in dests {
+            c.args(["--dest", d]);
+        }
+        c.arg("--to").arg(dir.path().join(to));
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), text, err)
+    };
+    for (dests, to) in [
+        (vec![&a[..]], "from-a"),
+        (vec![&b[..]], "from-b"),
+        (vec![&a[..], &b[..]], "from-both"),
+    ] {
+        let (ok, text, err) = restore(&dests, to);
+        assert!(ok, "{dests:?}: {err}");
+        assert!(
+            std::fs::read(dir.path().join(to)).unwrap() == image,
+            "{dests:?}"
+        );
+        if dests.len() == 2 {
+            assert!(
+                text.contains(&format!("read from {a}: "))
+                    && text.contains(&format!("read from {b}: ")),
+                "{text}"
+            );
+        }
+    }
+    common::run(foresnap().args(["verify", "--volume", "v", "--dest", &a, "--dest", &b]));
+
+    // Damage one object at a and remove another: verify names them at a,
+    // a alone cannot restore, the mirror restores from b.
+    let objects: Vec<std::path::PathBuf> = walk(&dir.path().join("a/v/objects"));
+    assert!(objects.len() >= 6, "{objects:?}");
+    let mut bytes = std::fs::read(&objects[0]).unwrap();
+    bytes[80] ^= 4;
+    std::fs::remove_file(&objects[0]).unwrap();
+    std::fs::write(&objects[0], &bytes).unwrap();
+    std::fs::remove_file(&objects[3]).unwrap();
+    let out = foresnap()
+        .args(["verify", "--volume", "v", "--dest", &a, "--dest", &b])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("BAD ").count(), 2, "{text}");
+    assert!(
+        text.contains(&format!("at {b}: ")) && text.contains(", 0 bad"),
+        "{text}"
+    );
+    let (ok, _, _) = restore(&[&a], "damaged-a");
+    assert!(!ok, "a damaged copy restored");
+    assert!(!dir.path().join("damaged-a").exists());
+    let (ok, text, err) = restore(&[&a, &b], "failover");
+    assert!(ok, "{err}");
+    assert!(std::fs::read(dir.path().join("failover")).unwrap() == image);
+    assert!(text.contains(&format!("read from {b}: ")), "{text}");
+
+    let v = vol.to_str().unwrap();
+    let e = one_line_error(&["backup", "--backing", v, "--dest", &a, "--dest", &b]);
+    assert!(e.contains("--dest-policy mirror"), "{e}");
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--dest-policy",
+        "mirror",
+    ]);
+    assert!(e.contains("two or more"), "{e}");
+    let e = one_line_error(&[
+        "restore", "--volume", "v", "--dest", &a, "--dest", &a, "--to", "/tmp/x",
+    ]);
+    assert!(e.contains("given twice"), "{e}");
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--dest-policy",
+        "scatter",
+    ]);
+    assert!(e.contains("scatter"), "{e}");
+}
+
+/// The files under `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}

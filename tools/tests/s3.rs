@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::{foresnap, run};
 use foresnap_driver::tracking::Geometry;
 use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
+use foresnap_uploader::copies::Copies;
 use foresnap_uploader::dest::{DestError, Destination, DirDestination};
 use foresnap_uploader::engine::Uploader;
 use foresnap_uploader::format::{Codec, Keys};
@@ -506,6 +507,199 @@ fn all_scenarios(kind: &'static str) {
     snapshots_restore_bit_exact(&s);
     backup_killed_mid_upload_resumes(&s);
     scheduled_predictive_upload(&s);
+}
+
+/// The `mirror` policy over both servers and a directory, through the
+/// engine: random writes in two epochs, uploaded once to the mirror; each
+/// of the three copies alone lists both snapshots, restores each
+/// bit-exact and verifies clean.
+fn mirror_engine(servers: &[&Server]) {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * MIB + 4096 * 5;
+    let keys = Keys::new("mirrored").unwrap();
+    let mut members: Vec<Arc<dyn Destination>> = servers
+        .iter()
+        .map(|s| Arc::new(s.open("mirror")) as Arc<dyn Destination>)
+        .collect();
+    members.push(Arc::new(
+        DirDestination::open(&dir.path().join("dest")).unwrap(),
+    ));
+    let copies: Arc<dyn Destination> = Arc::new(Copies::new(members.clone()));
+    let (t, vol, vp) = tracked_volume(dir.path(), "m", size, 1 << 20);
+    let mut images = Vec::new();
+    for epoch in 1..=2u64 {
+        if epoch == 1 {
+            t.write_volume(&vol, 2 * MIB, &pattern(6 * MIB, 5)).unwrap();
+        }
+        for i in 0..120u64 {
+            let block = (i * 7919 + epoch * 104_729) % (size / 4096 - 2);
+            t.write_volume(&vol, block * 4096, &pattern(8192, i + epoch * 1000))
+                .unwrap();
+        }
+        t.close().unwrap();
+        images.push(std::fs::read(&vp).unwrap());
+    }
+    let mut up = Uploader::new(
+        t.clone(),
+        copies.clone(),
+        keys.clone(),
+        1 << 20,
+        Codec::Zstd(1),
+    )
+    .unwrap()
+    .with_pool(3, 64 * MIB)
+    .unwrap();
+    for want in 1..=2 {
+        assert_eq!(up.upload_next().unwrap().unwrap().snapshot, want);
+    }
+    for d in &members {
+        assert_eq!(
+            list_snapshots(d.as_ref(), &keys).unwrap(),
+            vec![1, 2],
+            "{}",
+            d.url()
+        );
+        let manifests: Vec<_> = [1, 2]
+            .iter()
+            .map(|&id| read_manifest(d.as_ref(), &keys, id).unwrap())
+            .collect();
+        for (m, want) in manifests.iter().zip(&images) {
+            let out = dir.path().join(format!("r-{}", m.snapshot));
+            restore_image(d.as_ref(), &keys, m, &out, 3, |_, _| {}).unwrap();
+            assert!(
+                &std::fs::read(&out).unwrap() == want,
+                "snapshot {} from {} differs from the image at its close",
+                m.snapshot,
+                d.url()
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+        let r = verify_snapshots(d.as_ref(), &keys, &manifests, 4, |_, _| {}).unwrap();
+        assert!(r.problems.is_empty(), "{}: {r:?}", d.url());
+    }
+}
+
+/// Sends `sig` to a server's process group.
+fn signal(s: &Server, sig: i32) {
+    let pgid: i32 = s.var("S3_PID").parse().unwrap();
+    // SAFETY: kill(2) on a process group this test started; no memory.
+    assert_eq!(unsafe { libc::kill(-pgid, sig) }, 0, "kill {sig} {pgid}");
+}
+
+/// A CLI restore from the mirror of both servers with `fault` done to one
+/// of them once the restore is 10% through: it completes from the other,
+/// bit-exact. Returns the restore's report.
+fn restore_through(servers: &[&Server], image: &[u8], out: &Path, fault: impl FnOnce()) -> String {
+    use std::io::BufRead;
+    let mut c = servers[0].foresnap();
+    c.args(["restore", "--volume", "big", "--workers", "2", "--to"])
+        .arg(out);
+    for s in servers {
+        c.args(["--dest", &s.url("mirror")]);
+    }
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut log = String::new();
+    let mut fault = Some(fault);
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        log.push_str(&l);
+        log.push('\n');
+        if l.contains("restoring snapshot") && !l.contains("  0%") {
+            if let Some(f) = fault.take() {
+                f();
+            }
+            break;
+        }
+    }
+    for l in lines {
+        log.push_str(&l.unwrap());
+        log.push('\n');
+    }
+    let output = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(fault.is_none(), "the restore ended before the fault: {log}");
+    assert!(output.status.success(), "restore failed: {log}");
+    assert!(
+        std::fs::read(out).unwrap() == image,
+        "the restored image differs"
+    );
+    report
+}
+
+/// `foresnap backup --dest-policy mirror` to both servers, then restores
+/// from the mirror that outlive one server stalling (SIGSTOP) and then
+/// dying (SIGKILL) in the middle.
+fn mirror_failover(servers: &[&Server]) {
+    let dir = tempfile::tempdir().unwrap();
+    let vp = dir.path().join("vol");
+    let image = pattern(96 * MIB, 31);
+    std::fs::write(&vp, &image).unwrap();
+    let mut c = servers[0].foresnap();
+    c.args([
+        "backup",
+        "--volume",
+        "big",
+        "--chunk-size",
+        "1M",
+        "--dest-policy",
+        "mirror",
+    ]);
+    for s in servers {
+        c.args(["--dest", &s.url("mirror")]);
+    }
+    let text = run(c.arg("--backing").arg(&vp));
+    assert!(text.contains("snapshot 1 uploaded to mirror("), "{text}");
+
+    // The faster server (the one most reads go to) stalls, then dies: the
+    // reads caught by it count as its errors.
+    let errors_at = |report: &str, s: &Server| -> u64 {
+        let line = report
+            .lines()
+            .find(|l| {
+                l.starts_with("  read from ") && l.contains(&format!("{}:", s.var("S3_ENDPOINT")))
+            })
+            .unwrap_or_else(|| panic!("no figures for {} in {report}", s.kind));
+        line.split(", ")
+            .find_map(|p| p.strip_suffix(" errors")?.parse().ok())
+            .unwrap_or_else(|| panic!("no error count in {line}"))
+    };
+    let faulty = servers[0];
+    let report = restore_through(servers, &image, &dir.path().join("stall"), || {
+        signal(faulty, libc::SIGSTOP);
+    });
+    signal(faulty, libc::SIGCONT);
+    eprintln!("restore with {} stalled:\n{report}", faulty.kind);
+    assert!(
+        errors_at(&report, faulty) >= 1,
+        "no read caught the stall: {report}"
+    );
+
+    let report = restore_through(servers, &image, &dir.path().join("kill"), || {
+        signal(faulty, libc::SIGKILL);
+    });
+    eprintln!("restore with {} killed:\n{report}", faulty.kind);
+    assert!(
+        errors_at(&report, faulty) >= 1,
+        "no read caught the kill: {report}"
+    );
+}
+
+/// Both servers at once: the mirror policy and restore failover.
+#[test]
+fn mirror_over_two_servers() {
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Server::start("seaweedfs"));
+        let b = s.spawn(|| Server::start("s3s-fs"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    mirror_engine(&[&a, &b]);
+    mirror_failover(&[&a, &b]);
 }
 
 #[test]

@@ -45,9 +45,10 @@ use std::time::{Duration, Instant};
 use crate::dest::{DestError, Destination};
 use crate::format::{Keys, MAX_CHUNK_BYTES, Manifest, decode_object};
 
-/// Latency assumed for a member before its first read: reads are spread by
-/// the in-flight count alone until they are measured.
-const UNMEASURED_S: f64 = 0.05;
+/// Latency assumed for a member before its first read: none, so that every
+/// member is tried (and measured) early instead of the first one measured
+/// keeping every read.
+const UNMEASURED_S: f64 = 0.0;
 /// Weight of the newest read in the latency average.
 const EWMA_ALPHA: f64 = 0.2;
 /// A read is stalled after this many times its member's usual latency...
@@ -63,7 +64,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 struct Member {
     dest: Arc<dyn Destination>,
-    in_flight: AtomicUsize,
+    /// Reads started and not returned (also those left behind after a
+    /// stall: the reading thread counts itself out).
+    in_flight: Arc<AtomicUsize>,
     health: Mutex<Health>,
 }
 
@@ -108,6 +111,18 @@ impl Member {
         h.reads += 1;
     }
 
+    /// A read has taken `waited` and goes on: counted as a failure, and as
+    /// a latency sample, so that after its back-off the member comes after
+    /// the ones that answer.
+    fn stalled(&self, waited: Duration) {
+        {
+            let mut h = self.health();
+            let s = waited.as_secs_f64();
+            h.latency_s = Some(h.latency_s.map_or(s, |l| l + EWMA_ALPHA * (s - l)));
+        }
+        self.failed();
+    }
+
     fn failed(&self) {
         let mut h = self.health();
         h.failures = h.failures.saturating_add(1);
@@ -131,7 +146,7 @@ type Answer = (usize, Duration, Result<Vec<u8>, DestError>);
 
 impl Copies {
     /// Copies at `members` (at least one), in the order given: the first is
-    /// preferred until reads are measured.
+    /// asked first until reads are measured.
     pub fn new(members: Vec<Arc<dyn Destination>>) -> Copies {
         assert!(!members.is_empty(), "copies need at least one destination");
         Copies {
@@ -139,7 +154,7 @@ impl Copies {
                 .into_iter()
                 .map(|dest| Member {
                     dest,
-                    in_flight: AtomicUsize::new(0),
+                    in_flight: Arc::new(AtomicUsize::new(0)),
                     health: Mutex::new(Health::default()),
                 })
                 .collect(),
@@ -208,14 +223,17 @@ impl Copies {
         let k = key.to_owned();
         let sender = tx.clone();
         let started = Instant::now();
+        let in_flight = m.in_flight.clone();
         let spawned = std::thread::Builder::new()
             .name("copies-read".into())
             .spawn(move || {
                 let r = dest.get(&k);
+                in_flight.fetch_sub(1, Ordering::Relaxed);
                 // The receiver is gone when another member answered first.
                 let _ = sender.send((i, started.elapsed(), r));
             });
         if let Err(e) = spawned {
+            m.in_flight.fetch_sub(1, Ordering::Relaxed);
             let _ = tx.send((
                 i,
                 Duration::ZERO,
@@ -270,7 +288,8 @@ impl Copies {
                             self.members[order[next - 1]].dest.url(),
                             self.members[order[next]].dest.url()
                         );
-                        self.members[order[next - 1]].failed();
+                        let m = &self.members[order[next - 1]];
+                        m.stalled(self.stall_limit(order[next - 1]));
                     }
                     continue;
                 }
@@ -278,7 +297,6 @@ impl Copies {
             };
             running -= 1;
             let m = &self.members[i];
-            m.in_flight.fetch_sub(1, Ordering::Relaxed);
             match r {
                 Ok(bytes) if valid(&bytes) => {
                     m.succeeded(elapsed);
