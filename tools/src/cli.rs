@@ -264,6 +264,7 @@ fn parse_workers(s: &str) -> Result<usize, String> {
 pub enum DestPolicy {
     Single,
     Mirror,
+    Alternate,
 }
 
 /// Where and how snapshots are uploaded (`serve`, `backup`).
@@ -272,12 +273,15 @@ pub struct UploadArgs {
     /// Upload every closed snapshot to this destination: file:///PATH (a
     /// directory, also an NFS mount) or
     /// s3://BUCKET/PREFIX?endpoint=URL&region=R. Repeatable, with
-    /// --dest-policy mirror.
+    /// --dest-policy mirror or alternate.
     #[arg(long, value_name = "URL")]
     pub dest: Vec<String>,
-    /// How snapshots use the destinations: `single` (one --dest) or
-    /// `mirror` (every snapshot complete at every --dest; a destination new
-    /// to the volume first receives the newest snapshot's objects).
+    /// How snapshots use the destinations: `single` (one --dest), `mirror`
+    /// (every snapshot complete at every --dest; a destination new to the
+    /// volume first receives the newest snapshot's objects) or `alternate`
+    /// (snapshot N complete at the ((N-1) mod count)th --dest, round-robin;
+    /// the objects it shares with earlier snapshots are copied there
+    /// before its manifest).
     #[arg(long, value_name = "POLICY", value_enum, default_value = "single")]
     pub dest_policy: DestPolicy,
     /// The volume's name at the destination [default: the backing file's

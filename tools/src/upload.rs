@@ -150,6 +150,12 @@ pub fn prepare(
             open_dest(first)?
         }
         DestPolicy::Mirror => mirror(&args.dest, &keys)?,
+        DestPolicy::Alternate => {
+            if args.dest.len() < 2 {
+                bail!("--dest-policy alternate needs two or more --dest");
+            }
+            Arc::new(Copies::alternate(open_all(&args.dest)?, keys.clone()))
+        }
     };
     let link =
         (scheduled.is_some() || cap.is_some()).then(|| Arc::new(Link::new(dest.clone(), cap)));

@@ -427,6 +427,79 @@ fn mirrored_backups_restore_from_every_copy() {
     assert!(e.contains("scatter"), "{e}");
 }
 
+/// `backup --dest-policy alternate` over two directories: snapshots
+/// alternate, each complete and restorable from its own directory alone.
+#[test]
+fn alternating_backups_are_each_complete_at_their_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol.img");
+    let image: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11).to_le_bytes()[0])
+        .collect();
+    std::fs::write(&vol, &image).unwrap();
+    let a = format!("file://{}", dir.path().join("a").display());
+    let b = format!("file://{}", dir.path().join("b").display());
+    for id in 1..=3 {
+        let text = common::run(
+            foresnap()
+                .args(["backup", "--volume", "v", "--chunk-size", "1M"])
+                .args(["--dest-policy", "alternate", "--dest", &a, "--dest", &b])
+                .arg("--backing")
+                .arg(&vol),
+        );
+        assert!(
+            text.contains(&format!("snapshot {id} uploaded to alternate(")),
+            "{text}"
+        );
+    }
+    let listed =
+        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
+    let at: Vec<&str> = listed
+        .lines()
+        .map(|l| l.split("complete at: ").nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        at,
+        vec![
+            format!("{a}  not at: {b}"),
+            format!("{b}  not at: {a}"),
+            format!("{a}  not at: {b}")
+        ],
+        "{listed}"
+    );
+    for (id, d) in [("1", &a), ("2", &b), ("3", &a)] {
+        let to = dir.path().join(format!("r{id}"));
+        common::run(
+            foresnap()
+                .args([
+                    "restore",
+                    "--volume",
+                    "v",
+                    "--snapshot",
+                    id,
+                    "--dest",
+                    d,
+                    "--to",
+                ])
+                .arg(&to),
+        );
+        assert!(
+            std::fs::read(&to).unwrap() == image,
+            "snapshot {id} from {d}"
+        );
+    }
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        vol.to_str().unwrap(),
+        "--dest",
+        &a,
+        "--dest-policy",
+        "alternate",
+    ]);
+    assert!(e.contains("two or more"), "{e}");
+}
+
 /// The files under `dir`, sorted.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();

@@ -1,8 +1,9 @@
 //! Several copies of a volume's snapshots, at several destinations: the
-//! `mirror` policy writes every object to every member, and a restore reads
-//! from whichever member is healthy and fastest, failing over when one
-//! errors, stalls or returns damaged bytes, and spreading concurrent reads
-//! over the members.
+//! `mirror` policy writes every object to every member, `alternate` writes
+//! successive snapshots to the members in turn, and a restore reads from
+//! whichever member is healthy and fastest, failing over when one errors,
+//! stalls or returns damaged bytes, and spreading concurrent reads over the
+//! members.
 //!
 //! # Writes: a snapshot is complete at every member
 //!
@@ -22,6 +23,18 @@
 //! copies the newest snapshot's missing objects to it, verified, and then
 //! its manifest. Older snapshots stay where they are: `foresnap snapshots`
 //! shows which member holds which.
+//!
+//! # `alternate`: each snapshot complete at one member, in turn
+//!
+//! Snapshot N goes to member `(N - 1) mod members` ([`Copies::member_of`]:
+//! the snapshot is in every key). Its delta objects build on its parents,
+//! which live at other members, so before its manifest is written the
+//! objects it references that the member may lack (all but its own and
+//! those of the member's newest earlier snapshot, which is complete there)
+//! are copied to it, each read from another member and verified; one that
+//! cannot be copied fails the manifest, which is then not written. The
+//! price: each object is uploaded once, then copied through this host to
+//! each other member when a later snapshot there needs it.
 //!
 //! # Reads: health, latency, failover, spreading
 //!
@@ -43,7 +56,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::dest::{DestError, Destination};
-use crate::format::{Keys, MAX_CHUNK_BYTES, Manifest, decode_object};
+use crate::format::{Keys, MAX_CHUNK_BYTES, Manifest, ObjectRef, decode_object};
 
 /// Latency assumed for a member before its first read: none, so that every
 /// member is tried (and measured) early instead of the first one measured
@@ -139,6 +152,17 @@ impl Member {
 pub struct Copies {
     members: Vec<Member>,
     min_stall: Duration,
+    placement: Placement,
+}
+
+/// Where a put goes.
+#[derive(Debug, Clone)]
+enum Placement {
+    /// Every member.
+    Mirror,
+    /// The member of the key's snapshot ([`Copies::member_of`]), for the
+    /// volume of these keys.
+    Alternate(Keys),
 }
 
 /// What a read at one member brought back.
@@ -159,7 +183,16 @@ impl Copies {
                 })
                 .collect(),
             min_stall: DEFAULT_STALL,
+            placement: Placement::Mirror,
         }
+    }
+
+    /// `alternate` over `members` for the volume of `keys` (module doc):
+    /// snapshot N is complete at member `(N - 1) mod members`.
+    pub fn alternate(members: Vec<Arc<dyn Destination>>, keys: Keys) -> Copies {
+        let mut c = Copies::new(members);
+        c.placement = Placement::Alternate(keys);
+        c
     }
 
     /// A read is raced at another member after `stall` at the least.
@@ -354,7 +387,7 @@ impl Copies {
         &self,
         i: usize,
         keys: &Keys,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<Option<(u32, u64)>, CatchUpError> {
         let member = &self.members[i].dest;
         let mut newest: Option<(u32, usize)> = None;
@@ -393,19 +426,44 @@ impl Copies {
         })?;
         let have: std::collections::BTreeSet<String> =
             member.list(&keys.objects())?.into_iter().collect();
-        let mut wanted = Vec::new();
+        let copied = self.copy_objects(
+            i,
+            keys,
+            &manifest,
+            |_, _, key| !have.contains(key),
+            progress,
+        )?;
+        match member.put(&mkey, &mbytes) {
+            Ok(()) | Err(DestError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some((id, copied)))
+    }
+
+    /// Copies to member `i` the objects of `manifest` that `wanted(key,
+    /// ref)` selects, each read from any copy and verified first (a
+    /// damaged object is never copied). Returns how many.
+    fn copy_objects(
+        &self,
+        i: usize,
+        keys: &Keys,
+        manifest: &Manifest,
+        wanted: impl Fn(u64, ObjectRef, &str) -> bool,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64, CatchUpError> {
+        let mut todo = Vec::new();
         for (c, refs) in manifest.chunks.iter().enumerate() {
             for &r in refs {
                 let key = keys.object(c as u64, r);
-                if !have.contains(&key) {
-                    wanted.push((c as u64, r, key));
+                if wanted(c as u64, r, &key) {
+                    todo.push((c as u64, r, key));
                 }
             }
         }
-        wanted.sort();
-        wanted.dedup();
-        let total = wanted.len() as u64;
-        for (n, (chunk, r, key)) in wanted.iter().enumerate() {
+        todo.sort();
+        todo.dedup();
+        let total = todo.len() as u64;
+        for (n, (chunk, r, key)) in todo.iter().enumerate() {
             let ok = |b: &[u8]| {
                 decode_object(b, MAX_CHUNK_BYTES).is_ok_and(|o| {
                     o.chunk == *chunk && o.kind == r.kind && o.block_bytes == manifest.block_bytes
@@ -418,21 +476,131 @@ impl Copies {
                     why: "no copy holds it undamaged".into(),
                 });
             }
-            match member.put(key, &bytes) {
+            match self.members[i].dest.put(key, &bytes) {
                 Ok(()) | Err(DestError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
             progress(n as u64 + 1, total);
         }
-        match member.put(&mkey, &mbytes) {
-            Ok(()) | Err(DestError::AlreadyExists { .. }) => {}
-            Err(e) => return Err(e.into()),
+        Ok(total)
+    }
+
+    /// The member that holds snapshot `id` under `alternate`.
+    pub fn member_of(&self, id: u32) -> usize {
+        id.wrapping_sub(1) as usize % self.members.len()
+    }
+
+    /// `alternate`: before snapshot `manifest`'s manifest is written at
+    /// member `i`, the objects it references that `i` may lack: those of
+    /// neither this snapshot (stored there by the uploader) nor `i`'s own
+    /// newest earlier snapshot (complete there).
+    fn fill(&self, i: usize, keys: &Keys, manifest: &Manifest) -> Result<u64, CatchUpError> {
+        let member = &self.members[i].dest;
+        let ids = keys.snapshot_ids(&member.list(&keys.manifests())?);
+        let mut have = std::collections::BTreeSet::new();
+        if let Some(&prev) = ids.iter().rfind(|&&id| id < manifest.snapshot) {
+            let key = keys.manifest(prev);
+            let m =
+                Manifest::decode(&member.get(&key)?).map_err(|error| CatchUpError::Damaged {
+                    key,
+                    why: error.to_string(),
+                })?;
+            for (c, refs) in m.chunks.iter().enumerate() {
+                have.extend(refs.iter().map(|&r| (c as u64, r)));
+            }
         }
-        Ok(Some((id, total)))
+        let snapshot = manifest.snapshot;
+        self.copy_objects(
+            i,
+            keys,
+            manifest,
+            |c, r, _| r.snapshot != snapshot && !have.contains(&(c, r)),
+            |_, _| {},
+        )
+    }
+
+    /// Stores `key` at member `i`; the same bytes there already count as
+    /// stored (module doc).
+    fn put_at(&self, i: usize, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+        let m = &self.members[i];
+        match m.dest.put(key, bytes) {
+            Err(e @ DestError::AlreadyExists { .. }) => match m.dest.get(key) {
+                Ok(there) if there == bytes => Ok(()),
+                Ok(_) => Err(e),
+                Err(e) => Err(e),
+            },
+            r => r,
+        }
+    }
+
+    /// `mirror`: every member at once.
+    fn put_everywhere(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+        let results: Vec<Result<(), DestError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (1..self.members.len())
+                .map(|i| s.spawn(move || self.put_at(i, key, bytes)))
+                .collect();
+            let mut out = vec![self.put_at(0, key, bytes)];
+            for h in handles {
+                out.push(h.join().unwrap_or_else(|_| {
+                    Err(DestError::Remote {
+                        dest: self.url(),
+                        op: "put",
+                        key: key.to_owned(),
+                        why: "a member's put panicked".into(),
+                    })
+                }));
+            }
+            out
+        });
+        // A real failure first: it says more than a key that exists.
+        let mut exists = None;
+        for r in results {
+            match r {
+                Ok(()) => {}
+                Err(e @ DestError::AlreadyExists { .. }) => {
+                    exists.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        exists.map_or(Ok(()), Err)
+    }
+
+    /// `alternate`: the key's snapshot's member; a manifest only once that
+    /// member holds every object it references.
+    fn put_alternating(&self, keys: &Keys, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+        let Some(id) = keys.snapshot_of(key) else {
+            return self.put_everywhere(key, bytes);
+        };
+        let i = self.member_of(id);
+        if keys.is_manifest(key) {
+            let m = Manifest::decode(bytes).map_err(|e| DestError::Remote {
+                dest: self.url(),
+                op: "put",
+                key: key.to_owned(),
+                why: format!("not a manifest: {e}"),
+            })?;
+            let copied = self.fill(i, keys, &m).map_err(|e| match e {
+                CatchUpError::Dest(d) => d,
+                CatchUpError::Damaged { key: k, why } => DestError::Remote {
+                    dest: self.url(),
+                    op: "copy",
+                    key: k,
+                    why,
+                },
+            })?;
+            if copied > 0 {
+                log::info!(
+                    "{}: copied {copied} objects of earlier snapshots for snapshot {id}",
+                    self.members[i].dest.url()
+                );
+            }
+        }
+        self.put_at(i, key, bytes)
     }
 }
 
-/// Why [`Copies::catch_up`] failed.
+/// Why [`Copies::catch_up`] (or the copies `alternate` makes) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CatchUpError {
     #[error(transparent)]
@@ -443,46 +611,11 @@ pub enum CatchUpError {
 
 impl Destination for Copies {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
-        let results: Vec<Result<(), DestError>> = if self.members.len() == 1 {
-            vec![self.members[0].dest.put(key, bytes)]
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = self.members[1..]
-                    .iter()
-                    .map(|m| s.spawn(|| m.dest.put(key, bytes)))
-                    .collect();
-                let mut out = vec![self.members[0].dest.put(key, bytes)];
-                for h in handles {
-                    out.push(h.join().unwrap_or_else(|_| {
-                        Err(DestError::Remote {
-                            dest: self.url(),
-                            op: "put",
-                            key: key.to_owned(),
-                            why: "a member's put panicked".into(),
-                        })
-                    }));
-                }
-                out
-            })
-        };
-        let mut exists = None;
-        for (m, r) in self.members.iter().zip(results) {
-            match r {
-                Ok(()) => {}
-                Err(e @ DestError::AlreadyExists { .. }) => {
-                    // The same bytes are a put that happened (module doc).
-                    match m.dest.get(key) {
-                        Ok(there) if there == bytes => {}
-                        Ok(_) => {
-                            exists.get_or_insert(e);
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Err(e) => return Err(e),
-            }
+        match &self.placement {
+            _ if self.members.len() == 1 => self.put_at(0, key, bytes),
+            Placement::Mirror => self.put_everywhere(key, bytes),
+            Placement::Alternate(keys) => self.put_alternating(keys, key, bytes),
         }
-        exists.map_or(Ok(()), Err)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
@@ -531,7 +664,10 @@ impl Destination for Copies {
 
     fn url(&self) -> String {
         let urls: Vec<String> = self.members.iter().map(|m| m.dest.url()).collect();
-        format!("mirror({})", urls.join(", "))
+        match self.placement {
+            Placement::Mirror => format!("mirror({})", urls.join(", ")),
+            Placement::Alternate(_) => format!("alternate({})", urls.join(", ")),
+        }
     }
 }
 
@@ -799,6 +935,90 @@ mod tests {
         assert!(
             d.list(&keys.manifests()).unwrap().is_empty(),
             "no manifest without its objects"
+        );
+    }
+
+    /// `alternate` over two directories: snapshots 1 and 3 at a, 2 at b,
+    /// each complete where it is (its parents' objects copied there before
+    /// its manifest), restoring alone bit-exact; a manifest is never
+    /// written where an object it needs could not be copied.
+    #[test]
+    fn alternate_keeps_each_snapshot_complete_at_its_member() {
+        let dir = tempfile::tempdir().unwrap();
+        let a: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("a")).unwrap());
+        let b: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("b")).unwrap());
+        let keys = Keys::new("vol").unwrap();
+        let c = Copies::alternate(vec![a.clone(), b.clone()], keys.clone());
+        assert!(c.url().starts_with("alternate("));
+        let vol = 2 * MIB as u64;
+        let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 239) as u8).collect();
+        let base = Manifest {
+            volume_id: [3; 16],
+            snapshot: 0,
+            parent: 0,
+            closed_ms: 0,
+            volume_bytes: vol,
+            block_bytes: 4096,
+            chunk_bytes: MIB as u32,
+            chunks: Vec::new(),
+        };
+        let mut images = Vec::new();
+        let mut parent: Option<Manifest> = None;
+        for id in 1..=3u32 {
+            let w = SnapshotWriter::new(
+                &c,
+                &keys,
+                &base,
+                parent.as_ref(),
+                id,
+                u64::from(id),
+                Codec::Zstd(1),
+            );
+            if id == 1 {
+                w.put_chunk(0, &image[..MIB]).unwrap();
+                w.put_chunk(1, &image[MIB..]).unwrap();
+            } else {
+                let b0 = id as usize * 4096;
+                image[b0..b0 + 4096].fill(id as u8);
+                w.put_delta(0, &[(id, &image[b0..b0 + 4096])]).unwrap();
+            }
+            parent = Some(w.commit().unwrap());
+            images.push(image.clone());
+        }
+        assert_eq!(
+            keys.snapshot_ids(&a.list(&keys.manifests()).unwrap()),
+            vec![1, 3]
+        );
+        assert_eq!(
+            keys.snapshot_ids(&b.list(&keys.manifests()).unwrap()),
+            vec![2]
+        );
+        for (id, d) in [(1, &a), (2, &b), (3, &a)] {
+            let m = read_manifest(d.as_ref(), &keys, id).unwrap();
+            let out = dir.path().join(format!("r{id}"));
+            restore_image(d.as_ref(), &keys, &m, &out, 2, |_, _| {}).unwrap();
+            assert!(
+                std::fs::read(&out).unwrap() == images[id as usize - 1],
+                "snapshot {id}"
+            );
+        }
+        // Snapshot 2's delta was copied to a for snapshot 3; b holds only
+        // what snapshot 2 needs.
+        assert_eq!(a.list(&keys.objects()).unwrap().len(), 4);
+        assert_eq!(b.list(&keys.objects()).unwrap().len(), 3);
+
+        // Snapshot 4 (at b) needs snapshot 3's delta, which is lost at a:
+        // its manifest is refused and not written.
+        a.delete(&keys.object(0, ObjectRef::own(3, ObjectKind::Delta)))
+            .unwrap();
+        let w = SnapshotWriter::new(&c, &keys, &base, parent.as_ref(), 4, 4, Codec::Zstd(1));
+        w.put_delta(1, &[(9, &image[MIB..MIB + 4096])]).unwrap();
+        assert!(w.commit().is_err());
+        assert_eq!(
+            keys.snapshot_ids(&b.list(&keys.manifests()).unwrap()),
+            vec![2]
         );
     }
 

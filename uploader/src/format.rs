@@ -685,6 +685,27 @@ impl Keys {
         }
     }
 
+    /// The snapshot a key of this volume belongs to: a manifest's
+    /// snapshot, or the snapshot that stored an object (also a part).
+    /// `None` for other keys.
+    pub fn snapshot_of(&self, key: &str) -> Option<u32> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        if let Some(id) = rest.strip_prefix("manifests/") {
+            return id.parse().ok().filter(|_| id.len() == 10);
+        }
+        let name = rest.strip_prefix("objects/")?.split_once('/')?.1;
+        let id = name.get(..10)?;
+        (name.as_bytes().get(10) == Some(&b'.'))
+            .then(|| id.parse().ok())
+            .flatten()
+    }
+
+    /// Whether `key` is a manifest of this volume.
+    pub fn is_manifest(&self, key: &str) -> bool {
+        key.strip_prefix(&self.prefix)
+            .is_some_and(|r| r.starts_with("/manifests/"))
+    }
+
     /// The snapshot ids whose manifests `keys` (a listing) holds, sorted.
     pub fn snapshot_ids(&self, keys: &[String]) -> Vec<u32> {
         let p = self.manifests();
@@ -812,6 +833,33 @@ mod tests {
                 vec![r(3, ObjectKind::Chunk)],
                 vec![r(2, ObjectKind::Delta)],
             ],
+        }
+    }
+
+    #[test]
+    fn keys_name_their_snapshot() {
+        let k = Keys::new("vol").unwrap();
+        assert_eq!(k.snapshot_of(&k.manifest(42)), Some(42));
+        assert!(k.is_manifest(&k.manifest(42)));
+        let own = k.object(7, ObjectRef::own(12, ObjectKind::Delta));
+        assert_eq!(k.snapshot_of(&own), Some(12));
+        assert!(!k.is_manifest(&own));
+        let part = k.object(
+            7,
+            ObjectRef {
+                snapshot: 13,
+                kind: ObjectKind::Delta,
+                part: 5,
+            },
+        );
+        assert_eq!(k.snapshot_of(&part), Some(13));
+        for other in [
+            "vol2/manifests/0000000001",
+            "vol/objects/x",
+            "vol/manifests/1",
+            "other",
+        ] {
+            assert_eq!(k.snapshot_of(other), None, "{other}");
         }
     }
 
