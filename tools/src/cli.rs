@@ -69,6 +69,17 @@ pub enum Command {
         foresnap verify --dest file:///backup --volume db\n  \
         foresnap verify --dest s3://backups/prod --volume db --snapshot latest")]
     Verify(VerifyArgs),
+    /// Move a volume's old snapshots from a fast destination to a slow
+    /// one: each snapshot closed at least --age ago, except the newest at
+    /// the fast destination (the next upload builds on it), is copied
+    /// whole to the slow destination (every object verified, the manifest
+    /// last), then deleted at the fast one but for the objects its newer
+    /// snapshots there share. A move cut short is finished by the next run.
+    #[command(after_help = "Examples:\n  \
+        foresnap tier --fast file:///fast --slow s3://archive/db --volume db --age 7d\n  \
+        foresnap tier --fast file:///fast --slow file:///mnt/nfs --volume db --age 12h --watch 15m\n  \
+        foresnap tier --fast file:///fast --slow file:///mnt/nfs --volume db --age 0s")]
+    Tier(TierArgs),
     /// Upload the snapshots of a volume that is not being served: close
     /// its open epoch (a snapshot of the backing as it is now) and upload
     /// every snapshot awaiting upload, then exit. Like `serve`, it relies
@@ -220,6 +231,27 @@ pub struct RestoreArgs {
     /// Objects fetched at once.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
     pub workers: usize,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TierArgs {
+    /// Where snapshots land: file:///PATH or s3://BUCKET/PREFIX?... (as --dest).
+    #[arg(long, value_name = "URL")]
+    pub fast: String,
+    /// Where they move to once old enough.
+    #[arg(long, value_name = "URL")]
+    pub slow: String,
+    /// The volume's name at both.
+    #[arg(long, value_name = "NAME")]
+    pub volume: String,
+    /// Move snapshots closed at least this long ago: 12h, 7d, 90s; 0s
+    /// moves every snapshot but the newest.
+    #[arg(long, value_name = "INTERVAL", value_parser = crate::tier::parse_age)]
+    pub age: std::time::Duration,
+    /// Run again every INTERVAL (a bare number is seconds) until SIGINT or
+    /// SIGTERM [default: run once].
+    #[arg(long, value_name = "INTERVAL", value_parser = parse_interval_arg)]
+    pub watch: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]

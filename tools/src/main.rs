@@ -4,6 +4,7 @@ mod cli;
 mod control;
 mod serve;
 mod simulate;
+mod tier;
 mod upload;
 
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         cli::Command::Snapshots(args) => upload::snapshots(args),
         cli::Command::Restore(args) => upload::restore(args),
         cli::Command::Verify(args) => upload::verify(args),
+        cli::Command::Tier(args) => tier::run(args),
         cli::Command::Backup(args) => upload::backup(args),
         cli::Command::Simulate(args) => simulate::run(args),
     };

@@ -500,6 +500,138 @@ fn alternating_backups_are_each_complete_at_their_destination() {
     assert!(e.contains("two or more"), "{e}");
 }
 
+/// `tier` after two backups into a fast directory, with `--age 0s`:
+/// snapshot 1 moves to the slow directory and restores from it alone,
+/// bit-exact; snapshot 2, the newest, stays at the fast one with the
+/// objects it shares with 1, and restores from there alone. `--watch`
+/// runs until SIGTERM. Bad input is one line.
+#[test]
+fn tier_moves_old_snapshots_to_the_slow_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol.img");
+    let image: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9).to_le_bytes()[0])
+        .collect();
+    std::fs::write(&vol, &image).unwrap();
+    let fast = format!("file://{}", dir.path().join("fast").display());
+    let slow = format!("file://{}", dir.path().join("slow").display());
+    for id in 1..=2 {
+        let text = common::run(
+            foresnap()
+                .args([
+                    "backup",
+                    "--volume",
+                    "v",
+                    "--chunk-size",
+                    "1M",
+                    "--dest",
+                    &fast,
+                ])
+                .arg("--backing")
+                .arg(&vol),
+        );
+        assert!(text.contains(&format!("snapshot {id} uploaded")), "{text}");
+    }
+    let tier = |extra: &[&str]| {
+        let mut c = foresnap();
+        c.args(["tier", "--fast", &fast, "--slow", &slow, "--volume", "v"])
+            .args(extra);
+        c
+    };
+    let text = common::run(&mut tier(&["--age", "0s"]));
+    assert!(
+        text.contains(&format!("snapshot 1 moved from {fast} to {slow}")),
+        "{text}"
+    );
+    assert!(!text.contains("snapshot 2 moved"), "{text}");
+    assert!(
+        text.contains("1 snapshot moved") && text.contains("snapshot 2 stays at"),
+        "{text}"
+    );
+    let listed = common::run(foresnap().args([
+        "snapshots",
+        "--volume",
+        "v",
+        "--dest",
+        &fast,
+        "--dest",
+        &slow,
+    ]));
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].starts_with("snapshot 1 ")
+            && lines[0].ends_with(&format!("complete at: {slow}  not at: {fast}")),
+        "{listed}"
+    );
+    assert!(
+        lines[1].starts_with("snapshot 2 ")
+            && lines[1].ends_with(&format!("complete at: {fast}  not at: {slow}")),
+        "{listed}"
+    );
+    for (id, d) in [("1", &slow), ("2", &fast)] {
+        let to = dir.path().join(format!("r{id}"));
+        common::run(
+            foresnap()
+                .args(["restore", "--volume", "v", "--snapshot", id, "--dest", d])
+                .arg("--to")
+                .arg(&to),
+        );
+        assert!(
+            std::fs::read(&to).unwrap() == image,
+            "snapshot {id} from {d}"
+        );
+    }
+
+    // --watch: a round, then the wait, ended by SIGTERM with success.
+    let mut child = tier(&["--age", "1h", "--watch", "100ms"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert!(
+        first.starts_with("volume v: 0 snapshots moved"),
+        "{first:?}"
+    );
+    // SAFETY: kill(2) on our own child, which has not been waited for.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "--watch ignored SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+
+    let args = |extra: &[&str]| -> Vec<String> {
+        ["tier", "--fast", &fast, "--slow", &slow, "--volume", "v"]
+            .iter()
+            .chain(extra)
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let err = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        one_line_error(&a)
+    };
+    let e = err(args(&["--age", "soon"]));
+    assert!(e.contains("invalid interval 'soon'"), "{e}");
+    let e = one_line_error(&[
+        "tier", "--fast", &fast, "--slow", &fast, "--volume", "v", "--age", "1h",
+    ]);
+    assert!(e.contains("both the fast and the slow"), "{e}");
+    let e = err(args(&["--age", "1h", "--watch", "0"]));
+    assert!(e.contains("invalid interval '0'"), "{e}");
+}
+
 /// The files under `dir`, sorted.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();

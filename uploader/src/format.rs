@@ -664,6 +664,18 @@ impl Keys {
         format!("{}/manifests/{snapshot:010}", self.prefix)
     }
 
+    /// Where the journals of moves between destinations are (a listing
+    /// prefix; [`crate::tier`]). Apart from the manifests: a journal is
+    /// never taken for a snapshot.
+    pub fn tiering(&self) -> String {
+        format!("{}/tiering/", self.prefix)
+    }
+
+    /// The key of the journal of snapshot `snapshot`'s move.
+    pub fn tiering_journal(&self, snapshot: u32) -> String {
+        format!("{}/tiering/{snapshot:010}", self.prefix)
+    }
+
     /// The key of an object: sorted by chunk, then snapshot; a part's key
     /// carries its part number (`.../0000000012.p0000000007.delta`).
     pub fn object(&self, chunk: u64, r: ObjectRef) -> String {
@@ -853,6 +865,10 @@ mod tests {
             },
         );
         assert_eq!(k.snapshot_of(&part), Some(13));
+        let journal = k.tiering_journal(42);
+        assert_eq!(journal, "vol/tiering/0000000042");
+        assert!(journal.starts_with(&k.tiering()) && !k.is_manifest(&journal));
+        assert!(k.snapshot_ids(&[journal]).is_empty());
         for other in [
             "vol2/manifests/0000000001",
             "vol/objects/x",

@@ -19,6 +19,7 @@ pub mod restore;
 pub mod s3;
 pub mod schedule;
 pub mod simulate;
+pub mod tier;
 pub mod trace;
 pub mod units;
 
