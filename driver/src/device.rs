@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::backing::Backing;
 use crate::config::{BlockSize, DeviceConfig};
 use crate::error::{DeviceError, Error};
+use crate::hydrate::Hydration;
 use crate::queue::serve_queue;
 use crate::tracking::Geometry;
 use crate::tracking::tracker::{RecoveryReport, Tracker, TrackerConfig};
@@ -218,6 +219,16 @@ pub fn open_tracker(
     cfg: &DeviceConfig,
     backing: &Backing,
 ) -> Result<Option<(Tracker, RecoveryReport)>, Error> {
+    open_tracker_with(cfg, backing, 0)
+}
+
+/// [`open_tracker`] with `extra` writer slots beside the queues (a lazy
+/// restore's hydrator writes as queue `cfg.queues`).
+fn open_tracker_with(
+    cfg: &DeviceConfig,
+    backing: &Backing,
+    extra: u16,
+) -> Result<Option<(Tracker, RecoveryReport)>, Error> {
     let Some(ring) = cfg.ring_path()? else {
         return Ok(None);
     };
@@ -234,7 +245,7 @@ pub fn open_tracker(
         &tcfg,
         backing.path(),
         backing.size(),
-        cfg.queues,
+        cfg.queues.saturating_add(extra),
     )?))
 }
 
@@ -245,7 +256,40 @@ pub fn serve<R>(cfg: &DeviceConfig, shutdown: &Shutdown, on_ready: R) -> Result<
 where
     R: FnOnce(&DeviceInfo) + Send + Sync + 'static,
 {
+    serve_with(cfg, shutdown, None, on_ready)
+}
+
+/// A lazily restored volume for [`serve_with`]: its chunks, and the start
+/// of its hydrator, called with the tracker before the device exists (the
+/// kernel reads the new disk's partition table while adding it, and those
+/// reads wait for their chunk). The hydrator writes through the tracker as
+/// writer `cfg.queues` and wakes the queues after each chunk.
+pub struct LazyVolume {
+    pub hydration: Arc<Hydration>,
+    pub start: Box<dyn FnOnce(Arc<Tracker>) -> std::io::Result<()> + Send>,
+}
+
+impl std::fmt::Debug for LazyVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyVolume")
+            .field("hydration", &self.hydration.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// [`serve`] over a volume being restored lazily (`lazy`): every request
+/// waits for the chunks it touches to be there. Needs tracking.
+pub fn serve_with<R>(
+    cfg: &DeviceConfig,
+    shutdown: &Shutdown,
+    lazy: Option<LazyVolume>,
+    on_ready: R,
+) -> Result<StopReason, Error>
+where
+    R: FnOnce(&DeviceInfo) + Send + Sync + 'static,
+{
     check(cfg)?;
+    let hydration = lazy.as_ref().map(|l| l.hydration.clone());
     let recovery = match cfg.id {
         Some(id) => probe_existing(id, cfg)?,
         None => None,
@@ -260,7 +304,15 @@ where
     }
     let backing = Backing::open(&cfg)?;
     // Before the device exists: a ring that cannot be used leaves nothing.
-    let tracker = open_tracker(&cfg, &backing)?.map(|(t, report)| (Arc::new(t), report));
+    let extra = u16::from(hydration.is_some());
+    let tracker =
+        open_tracker_with(&cfg, &backing, extra)?.map(|(t, report)| (Arc::new(t), report));
+    if let Some(l) = lazy {
+        let Some((t, _)) = &tracker else {
+            return Err(Error::Config(crate::error::ConfigError::LazyNeedsTracking));
+        };
+        (l.start)(t.clone()).map_err(|e| Error::Device(DeviceError::Hydrator(e.to_string())))?;
+    }
     let canonical = backing
         .path()
         .canonicalize()
@@ -323,7 +375,14 @@ where
     let queue_shutdown = shutdown.clone();
     let queue_tracker = tracker.as_ref().map(|(t, _)| t.clone());
     let q_fn = move |qid: u16, dev: &UblkDev| {
-        serve_queue(qid, dev, size, zero_range, queue_tracker.as_deref());
+        serve_queue(
+            qid,
+            dev,
+            size,
+            zero_range,
+            queue_tracker.as_deref(),
+            hydration.as_deref(),
+        );
         queue_shutdown.trigger(StopReason::QueueExited);
     };
 

@@ -32,6 +32,8 @@ pub enum ConfigError {
         "backing {0} is a block device: give --ring PATH for the write ring (on a file system)"
     )]
     RingNeeded(PathBuf),
+    #[error("a lazily restored device needs change tracking: do not give --no-tracking")]
+    LazyNeedsTracking,
 }
 
 /// The backing store cannot be used as asked. Nothing was created, except
@@ -94,6 +96,8 @@ pub enum DeviceError {
         theirs: String,
         ours: String,
     },
+    #[error("cannot start the lazy restore's hydrator: {0}")]
+    Hydrator(String),
     #[error("ublk {op} failed: {source}")]
     Ublk {
         op: &'static str,

@@ -16,11 +16,12 @@ pub mod backing;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod hydrate;
 pub mod queue;
 pub mod request;
 mod sync;
 pub mod tracking;
 
 pub use config::{BlockSize, DeviceConfig, TrackingConfig, parse_size};
-pub use device::{DeviceInfo, Shutdown, StopReason, serve};
+pub use device::{DeviceInfo, LazyVolume, Shutdown, StopReason, serve, serve_with};
 pub use error::{Error, ErrorKind};

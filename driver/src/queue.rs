@@ -17,6 +17,7 @@ use libublk::UblkIORes;
 use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 
+use crate::hydrate::{Hydration, Readiness};
 use crate::request::{Op, Request, completion_result, decode, fallocate_mode};
 use crate::tracking::{Begin, Tracker};
 
@@ -246,7 +247,10 @@ struct QueueState<'b> {
     /// Scratch for the blocks a write must copy first (no allocation per
     /// write: sized for the largest request).
     cow: Vec<u64>,
-    /// Writes held back while an epoch closes, resumed by the waker.
+    /// A lazy restore's chunks: requests wait for theirs.
+    hydration: Option<&'b Hydration>,
+    /// Writes held back while an epoch closes, and requests waiting for a
+    /// lazy restore's chunk; resumed by the waker.
     deferred: Vec<(u16, Request)>,
     /// The waker's eventfd read lands here; boxed so it does not move.
     waker_buf: Box<u64>,
@@ -302,8 +306,23 @@ impl QueueState<'_> {
     }
 
     /// Starts a decoded request: tracks it if it is a write, unless an
-    /// epoch is closing, in which case it is deferred (`None`).
+    /// epoch is closing, in which case it is deferred (`None`). On a lazily
+    /// restored volume, a request on a chunk not yet there asks for it and
+    /// is deferred too; one on a chunk that could not be restored fails.
     fn begin(&mut self, tag: u16, req: Request) -> Option<Action> {
+        if let Some(h) = self.hydration
+            && req.op != Op::Flush
+        {
+            match h.readiness(req.offset, u64::from(req.len)) {
+                Readiness::Ready => {}
+                Readiness::Pending => {
+                    h.want(req.offset, u64::from(req.len));
+                    self.deferred.push((tag, req));
+                    return None;
+                }
+                Readiness::Failed => return Some(Action::Complete(-libc::EIO)),
+            }
+        }
         if let Some(tr) = self.tracker
             && let Some((fua, zeroing)) = is_tracked_write(req.op)
             && tr.begin_write(self.qid, req.offset, req.len, fua, zeroing, &mut self.cow)
@@ -391,6 +410,7 @@ pub(crate) fn serve_queue(
     dev_bytes: u64,
     zero_range: bool,
     tracker: Option<&Tracker>,
+    hydration: Option<&Hydration>,
 ) {
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
@@ -415,6 +435,7 @@ pub(crate) fn serve_queue(
         cow: Vec::with_capacity(
             usize::try_from(dev.dev_info.max_io_buf_bytes / block + 2).unwrap_or(0),
         ),
+        hydration,
         deferred: Vec::with_capacity(if tracker.is_some() { depth } else { 0 }),
         waker_buf: Box::new(0),
     };

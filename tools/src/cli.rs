@@ -60,7 +60,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         foresnap restore --dest file:///backup --volume db --to /var/tmp/db.img\n  \
         foresnap restore --dest file:///backup --volume db --snapshot 12 --to /dev/vdb\n  \
-        foresnap restore --dest s3://backups/prod --dest file:///mnt/copy --volume db --to db.img")]
+        foresnap restore --dest s3://backups/prod --dest file:///mnt/copy --volume db --to db.img\n  \
+        foresnap restore --lazy --dest s3://backups/prod --volume db --to /var/lib/foresnap/db.img")]
     Restore(RestoreArgs),
     /// Read and check every object of a volume's snapshots (or of one)
     /// without restoring; name each missing or corrupt object. Exits
@@ -228,9 +229,32 @@ pub struct RestoreArgs {
     /// or a block device at least as large as the volume.
     #[arg(long, visible_alias = "out", value_name = "PATH")]
     pub to: PathBuf,
-    /// Objects fetched at once.
+    /// Objects fetched at once (with --lazy: background fetches; one more
+    /// worker serves the chunks requests wait for).
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
     pub workers: usize,
+    /// Serve the volume at once as a new /dev/ublkbN over --to (a new file,
+    /// or one a stopped --lazy restore left: it resumes): reads and writes
+    /// of chunks not yet restored fetch them first, the rest is restored in
+    /// the background, writes are tracked as the new volume's first epoch.
+    /// Runs in the foreground until SIGINT/SIGTERM, like `serve`.
+    #[arg(long)]
+    pub lazy: bool,
+    /// With --lazy: a bandwidth cap on background restoring (RATE as
+    /// `20MiB/s`, `100Mbit/s` or bytes per second); chunks that requests
+    /// wait for are fetched at once, outside the cap.
+    #[arg(long, value_name = "RATE", requires = "lazy", value_parser = parse_rate_arg)]
+    pub hydrate_cap: Option<u64>,
+    /// With --lazy: ask for /dev/ublkbN.
+    #[arg(long, value_name = "N", requires = "lazy")]
+    pub id: Option<u32>,
+    /// With --lazy: hardware queues [default: min(CPUs, 4)].
+    #[arg(long, value_name = "N", requires = "lazy")]
+    pub queues: Option<u16>,
+    /// With --lazy: the control socket for `snapshot` and `status`
+    /// [default: /run/foresnap/ublkbN.sock].
+    #[arg(long, value_name = "SOCKET", requires = "lazy")]
+    pub control: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,8 +1,11 @@
 //! `foresnap serve`: one device in the foreground.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use anyhow::Context;
+use foresnap_driver::hydrate::{ChunkSource, Hydration};
 use foresnap_driver::{Shutdown, StopReason};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -17,6 +20,26 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     foresnap_driver::device::check(&cfg)?;
     // The destination too: a bad URL or name fails before any device.
     let upload = crate::upload::prepare(&args.upload, Some(&args.sched), &args.backing)?;
+    serve_device(&cfg, upload, args.control.clone(), None)
+}
+
+/// A lazily restored volume's hydration, for [`serve_device`].
+pub struct Lazy {
+    pub hydration: Arc<Hydration>,
+    pub source: Arc<dyn ChunkSource>,
+    /// Background fetch workers (one more serves requests' chunks).
+    pub workers: usize,
+}
+
+/// Serves the device of `cfg` in the foreground until SIGINT/SIGTERM:
+/// uploads with `upload`, answers on the control socket, and with `lazy`
+/// hydrates the volume while serving it.
+pub fn serve_device(
+    cfg: &foresnap_driver::DeviceConfig,
+    upload: Option<crate::upload::UploadPlan>,
+    control_arg: Option<std::path::PathBuf>,
+    lazy: Option<Lazy>,
+) -> anyhow::Result<()> {
     let upload_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let uploader_stop = upload_stop.clone();
 
@@ -34,11 +57,22 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the signal thread")?;
 
-    let control_arg = args.control.clone();
     let control_path = std::sync::Arc::new(std::sync::Mutex::new(None::<std::path::PathBuf>));
     let bound = control_path.clone();
     let ready_shutdown = shutdown.clone();
-    let result = foresnap_driver::serve(&cfg, &shutdown, move |info| {
+    let hydration = lazy.as_ref().map(|l| l.hydration.clone());
+    let hydrator = Arc::new(Mutex::new(None::<std::thread::JoinHandle<()>>));
+    let hydrator_slot = hydrator.clone();
+    let (queues, target) = (cfg.queues, cfg.backing.clone());
+    let lazy = lazy.map(|l| foresnap_driver::LazyVolume {
+        hydration: l.hydration.clone(),
+        start: Box::new(move |tracker| {
+            let h = start_hydrator(l, tracker, queues, &target).map_err(std::io::Error::other)?;
+            *hydrator_slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(h);
+            Ok(())
+        }),
+    });
+    let result = foresnap_driver::serve_with(cfg, &shutdown, lazy, move |info| {
         if let Some((tracker, report)) = &info.tracker {
             let deadlines = match upload.map(|plan| plan.start(tracker.clone(), uploader_stop)) {
                 Some(Ok(d)) => d,
@@ -106,6 +140,28 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     handle.close();
     let _ = signal_thread.join();
     upload_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = &hydration {
+        // The chunk being fetched is finished or dropped whole: the state
+        // file never claims what is not on the volume.
+        h.stop();
+        if let Some(t) = hydrator
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = t.join();
+        }
+        let p = h.progress();
+        if !h.complete() {
+            eprintln!(
+                "foresnap: stopped with {} of {} chunks restored; run the same restore --lazy \
+                 again to resume (state in {})",
+                p.ready,
+                p.chunks,
+                h.path().display()
+            );
+        }
+    }
     if let Some(p) = control_path
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -119,6 +175,77 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             anyhow::bail!("the device stopped without being asked to (removed by another tool?)")
         }
     }
+}
+
+/// Starts the hydrator thread of a lazily restored volume: it writes each
+/// chunk through the tracker as writer `queues` (one past the device's
+/// queues), so that the restored content is the new volume's first epoch,
+/// and reports progress on stderr.
+fn start_hydrator(
+    lazy: Lazy,
+    tracker: Arc<foresnap_driver::tracking::Tracker>,
+    queues: u16,
+    target: &std::path::Path,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(target)
+        .with_context(|| format!("cannot open {} for the restore", target.display()))?;
+    std::thread::Builder::new()
+        .name("hydrator".into())
+        .spawn(move || {
+            let h = &lazy.hydration;
+            let started = Instant::now();
+            let total = h.chunks();
+            let last = Mutex::new(u64::MAX);
+            let p = h.run(
+                lazy.source.as_ref(),
+                &|offset, data| tracker.write_volume_as(queues, &file, offset, data),
+                &|| {
+                    file.sync_data()?;
+                    tracker.ring_file().sync_data()
+                },
+                &|| tracker.wake_queues(),
+                lazy.workers,
+                &|p| {
+                    let step = p.ready * 10 / total.max(1);
+                    let mut l = last.lock().unwrap_or_else(PoisonError::into_inner);
+                    if *l != step {
+                        *l = step;
+                        eprintln!(
+                            "foresnap: hydration {:3}% ({}/{} chunks, {} on demand) {:.1} s",
+                            p.ready * 100 / total.max(1),
+                            p.ready,
+                            p.chunks,
+                            p.on_demand,
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                },
+            );
+            if h.complete() {
+                match h.finish() {
+                    Ok(()) => eprintln!(
+                        "foresnap: hydration complete: {} chunks ({} on demand) in {:.1} s; \
+                         the volume is whole",
+                        p.chunks,
+                        p.on_demand,
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => eprintln!(
+                        "foresnap: hydration complete, but its state {} stays: {e}",
+                        h.path().display()
+                    ),
+                }
+            } else if p.failed > 0 {
+                eprintln!(
+                    "foresnap: hydration: {} of {} chunks could not be restored (their I/O \
+                     fails with EIO); run the restore again once the destination answers",
+                    p.failed, p.chunks
+                );
+            }
+        })
+        .context("cannot start the hydrator thread")
 }
 
 /// `foresnap snapshot`: close the open epoch of a serving device.

@@ -8,15 +8,18 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use foresnap_driver::hydrate::{ChunkSource, Hydration};
 use foresnap_driver::tracking::Tracker;
 use foresnap_uploader::copies::Copies;
 use foresnap_uploader::dest::{Destination, DirDestination};
 use foresnap_uploader::engine::early::run_scheduler;
 use foresnap_uploader::engine::{Deadlines, Early, UploadReport, Uploader};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
-use foresnap_uploader::link::Link;
+use foresnap_uploader::link::{Link, TokenBucket};
 use foresnap_uploader::plan::{PlanConfig, Planner};
-use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image, verify_snapshots};
+use foresnap_uploader::restore::{
+    list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
+};
 use foresnap_uploader::s3::{S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
 
@@ -422,6 +425,9 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
     };
     let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
     let m = pick(dest.as_ref(), &keys, args.snapshot)?;
+    if args.lazy {
+        return restore_lazy(args, dest, keys, m);
+    }
     let id = m.snapshot;
     let started = Instant::now();
     restore_image(
@@ -453,6 +459,135 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A snapshot's chunks, for a lazy restore's hydrator.
+struct SnapshotSource {
+    dest: Arc<dyn Destination>,
+    keys: Keys,
+    manifest: Manifest,
+    /// `--hydrate-cap`: background fetches wait for it, never the chunks
+    /// requests wait for. Seconds from `epoch`.
+    cap: Option<std::sync::Mutex<TokenBucket>>,
+    epoch: Instant,
+}
+
+impl ChunkSource for SnapshotSource {
+    fn fetch(&self, chunk: u64, urgent: bool, buf: &mut Vec<u8>) -> Result<bool, String> {
+        if let Some(cap) = self.cap.as_ref().filter(|_| !urgent) {
+            let bytes = u64::from(self.manifest.chunk_bytes);
+            let wait = cap
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(self.epoch.elapsed().as_secs_f64(), bytes);
+            std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
+        }
+        read_chunk(self.dest.as_ref(), &self.keys, &self.manifest, chunk, buf)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// What a lazy restore's state records of its source: the volume and the
+/// snapshot (a resume must restore the same one).
+fn lazy_tag(m: &Manifest) -> [u8; 32] {
+    let mut tag = [0u8; 32];
+    tag[..16].copy_from_slice(&m.volume_id);
+    tag[16..20].copy_from_slice(&m.snapshot.to_le_bytes());
+    tag[20..24].copy_from_slice(&m.chunk_bytes.to_le_bytes());
+    tag
+}
+
+/// `foresnap restore --lazy`: the device first, the data as it comes.
+fn restore_lazy(
+    args: &RestoreArgs,
+    dest: Arc<dyn Destination>,
+    keys: Keys,
+    m: Manifest,
+) -> anyhow::Result<()> {
+    let to = &args.to;
+    let state = Hydration::state_path(to);
+    let mut cfg = foresnap_driver::DeviceConfig::new(to);
+    cfg.id = args.id;
+    if let Some(q) = args.queues {
+        cfg.queues = q;
+    }
+    let hydration = match (to.exists(), state.exists()) {
+        (false, true) => bail!(
+            "{} exists but {} does not: remove the state of that restore to start anew",
+            state.display(),
+            to.display()
+        ),
+        (true, false) => bail!(
+            "{} exists: a lazy restore makes a new file (or resumes one it left, beside its \
+             {} state); a finished one is an ordinary volume: serve it",
+            to.display(),
+            state.display()
+        ),
+        (true, true) => {
+            let (h, tag) = Hydration::open(&state)?;
+            if tag != lazy_tag(&m) || h.volume_bytes() != m.volume_bytes {
+                bail!(
+                    "{} belongs to the restore of another snapshot or volume than snapshot {} \
+                     of {}",
+                    state.display(),
+                    m.snapshot,
+                    keys.name()
+                );
+            }
+            let p = h.progress();
+            eprintln!(
+                "foresnap: resuming the lazy restore of snapshot {} into {}: {} of {} chunks there",
+                m.snapshot,
+                to.display(),
+                p.ready,
+                p.chunks
+            );
+            h
+        }
+        (false, false) => {
+            // The device's checks first, so that bad input leaves nothing.
+            cfg.validate()?;
+            foresnap_driver::device::ublk_available()?;
+            let h = Hydration::create(&state, m.volume_bytes, m.chunk_bytes, lazy_tag(&m))?;
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(to)
+                .and_then(|f| f.set_len(m.volume_bytes));
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&state);
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot create {}", to.display()))
+                );
+            }
+            h
+        }
+    };
+    foresnap_driver::device::check(&cfg)?;
+    eprintln!(
+        "foresnap: serving snapshot {} of volume {} from {} while it is restored into {}",
+        m.snapshot,
+        keys.name(),
+        dest.url(),
+        to.display()
+    );
+    let lazy = crate::serve::Lazy {
+        hydration: Arc::new(hydration),
+        source: Arc::new(SnapshotSource {
+            cap: args.hydrate_cap.map(|r| {
+                // A chunk of burst: one fetch at a time at the rate.
+                #[allow(clippy::cast_precision_loss)]
+                let b = TokenBucket::new_empty(r as f64, f64::from(m.chunk_bytes));
+                std::sync::Mutex::new(b)
+            }),
+            epoch: Instant::now(),
+            dest,
+            keys,
+            manifest: m,
+        }),
+        workers: args.workers,
+    };
+    crate::serve::serve_device(&cfg, None, args.control.clone(), Some(lazy))
 }
 
 /// `foresnap verify`: every copy, each on its own (a damaged object at one

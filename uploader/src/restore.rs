@@ -460,6 +460,24 @@ fn load_chunk(
     Ok(())
 }
 
+/// Chunk `chunk` of `manifest`'s snapshot into `buf` (resized to the
+/// chunk's length), every object verified; `false` when the snapshot
+/// stores nothing for it (the chunk is zeroes). For a lazy restore.
+pub fn read_chunk(
+    dest: &dyn Destination,
+    keys: &Keys,
+    manifest: &Manifest,
+    chunk: u64,
+    buf: &mut Vec<u8>,
+) -> Result<bool, SnapshotError> {
+    let refs = usize::try_from(chunk)
+        .ok()
+        .and_then(|c| manifest.chunks.get(c))
+        .map_or(&[][..], Vec::as_slice);
+    load_chunk(dest, keys, manifest, chunk, refs, buf)?;
+    Ok(!refs.is_empty())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }

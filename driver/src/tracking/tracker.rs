@@ -706,21 +706,49 @@ impl Tracker {
         self.gate.exit(qid);
     }
 
+    /// Wakes every queue through its eventfd: the requests it holds back
+    /// (an epoch switch, a lazy restore's chunk) are retried.
+    pub fn wake_queues(&self) {
+        for w in &self.wakers {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to our eventfd.
+            let n = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if n != 8 {
+                // EAGAIN: the counter is already non-zero, the queue
+                // will wake anyway.
+                log::debug!("waking a queue: {}", io::Error::last_os_error());
+            }
+        }
+    }
+
     /// A write to the volume from outside a device (offline tools and
     /// tests), tracked exactly as a device write on queue 0: begun (marked,
     /// copied on write, recorded), written to `volume` (the backing, open
     /// for writing), ended. Waits while a close is in progress. Not for a
     /// tracker a device serves: queue 0 is then the device's.
     pub fn write_volume(&self, volume: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_volume_as(0, volume, offset, data)
+    }
+
+    /// [`Tracker::write_volume`] as writer `qid`: a writer slot of its own
+    /// beside a device's queues (the tracker was opened with one more
+    /// queue than the device has), as a lazy restore's hydrator writes.
+    pub fn write_volume_as(
+        &self,
+        qid: u16,
+        volume: &File,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
         let len = u32::try_from(data.len()).map_err(|_| {
             io::Error::new(io::ErrorKind::InvalidInput, "one write of 4 GiB or more")
         })?;
         let mut cow = Vec::new();
-        while self.begin_write(0, offset, len, false, false, &mut cow) == Begin::Defer {
+        while self.begin_write(qid, offset, len, false, false, &mut cow) == Begin::Defer {
             std::thread::yield_now();
         }
         let done = volume.write_all_at(data, offset);
-        self.end_write(0, offset, len);
+        self.end_write(qid, offset, len);
         done
     }
 
@@ -830,16 +858,7 @@ impl Tracker {
             }
         };
         let result = self.gate.close(waiting, || self.close_quiet());
-        for w in &self.wakers {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-            let n = unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-            if n != 8 {
-                // EAGAIN: the counter is already non-zero, the queue
-                // will wake anyway.
-                log::debug!("waking a queue: {}", io::Error::last_os_error());
-            }
-        }
+        self.wake_queues();
         result.map(|(epoch, blocks)| CloseSummary {
             epoch,
             blocks,

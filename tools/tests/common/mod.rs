@@ -125,8 +125,31 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `foresnap serve ARGS` and waits for its ready line.
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::start_as(&["serve"], args)
+    }
+
+    /// Starts `foresnap restore --lazy ARGS` and waits for its ready line.
+    pub fn start_lazy(args: &[&str]) -> Daemon {
+        Daemon::start_as(&["restore", "--lazy"], args)
+    }
+
+    /// Waits up to `timeout` for a stderr line containing `needle`; the
+    /// lines before it are dropped.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn start_as(command: &[&str], args: &[&str]) -> Daemon {
         let mut child = foresnap()
-            .arg("serve")
+            .args(command)
             .args(args)
             .env(
                 "RUST_LOG",
@@ -135,7 +158,7 @@ impl Daemon {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn foresnap serve");
+            .expect("spawn foresnap");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let (ltx, lrx) = mpsc::channel();
