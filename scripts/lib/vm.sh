@@ -273,6 +273,9 @@ for p in /sys/class/virtio-ports/*; do
 done
 
 echo "foresnap-vm: init done, running the command" >/dev/kmsg
+# The host retries a boot that died before this point (vm-run).
+: >"$CTL/started"
+sync
 chroot /host /bin/bash /run/foresnap-vm/ctl/cmd.sh </dev/null >"$OUT" 2>"$ERR"
 rc=$?
 echo "foresnap-vm: command exited with status $rc" >/dev/kmsg
