@@ -288,29 +288,10 @@ fn serve_schedule_options_are_checked_first() {
 fn mirrored_backups_restore_from_every_copy() {
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("vol.img");
-    let image: Vec<u8> = (0..6u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
-        .collect();
-    std::fs::write(&vol, &image).unwrap();
+    let image = write_image(&vol, 6, 2_654_435_761);
     let a = format!("file://{}", dir.path().join("a").display());
     let b = format!("file://{}", dir.path().join("b").display());
-    let backup = |dests: &[&str], policy: &str| {
-        let mut c = foresnap();
-        c.args([
-            "backup",
-            "--volume",
-            "v",
-            "--chunk-size",
-            "1M",
-            "--dest-policy",
-            policy,
-        ]);
-        for d in dests {
-            c.args(["--dest", d]);
-        }
-        c.arg("--backing").arg(&vol);
-        common::run(&mut c)
-    };
+    let backup = |dests: &[&str], policy: &str| backup_to(&vol, dests, policy);
     // Snapshots 1 and 2 at a only; snapshot 3 mirrored: b first gets
     // snapshot 2's objects and manifest (what snapshot 3 builds on).
     assert!(backup(&[&a], "single").contains("snapshot 1 uploaded"));
@@ -433,20 +414,11 @@ fn mirrored_backups_restore_from_every_copy() {
 fn alternating_backups_are_each_complete_at_their_destination() {
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("vol.img");
-    let image: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11).to_le_bytes()[0])
-        .collect();
-    std::fs::write(&vol, &image).unwrap();
+    let image = write_image(&vol, 3, 2_246_822_519);
     let a = format!("file://{}", dir.path().join("a").display());
     let b = format!("file://{}", dir.path().join("b").display());
     for id in 1..=3 {
-        let text = common::run(
-            foresnap()
-                .args(["backup", "--volume", "v", "--chunk-size", "1M"])
-                .args(["--dest-policy", "alternate", "--dest", &a, "--dest", &b])
-                .arg("--backing")
-                .arg(&vol),
-        );
+        let text = backup_to(&vol, &[&a, &b], "alternate");
         assert!(
             text.contains(&format!("snapshot {id} uploaded to alternate(")),
             "{text}"
@@ -509,27 +481,11 @@ fn alternating_backups_are_each_complete_at_their_destination() {
 fn tier_moves_old_snapshots_to_the_slow_destination() {
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("vol.img");
-    let image: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9).to_le_bytes()[0])
-        .collect();
-    std::fs::write(&vol, &image).unwrap();
+    let image = write_image(&vol, 3, 2_654_435_761);
     let fast = format!("file://{}", dir.path().join("fast").display());
     let slow = format!("file://{}", dir.path().join("slow").display());
     for id in 1..=2 {
-        let text = common::run(
-            foresnap()
-                .args([
-                    "backup",
-                    "--volume",
-                    "v",
-                    "--chunk-size",
-                    "1M",
-                    "--dest",
-                    &fast,
-                ])
-                .arg("--backing")
-                .arg(&vol),
-        );
+        let text = backup_to(&vol, &[&fast], "single");
         assert!(text.contains(&format!("snapshot {id} uploaded")), "{text}");
     }
     let tier = |extra: &[&str]| {
@@ -630,6 +586,27 @@ fn tier_moves_old_snapshots_to_the_slow_destination() {
     assert!(e.contains("both the fast and the slow"), "{e}");
     let e = err(args(&["--age", "1h", "--watch", "0"]));
     assert!(e.contains("invalid interval '0'"), "{e}");
+}
+
+/// A `mib` MiB image of pseudo-random bytes (`mul` varies it) at `path`.
+fn write_image(path: &std::path::Path, mib: u32, mul: u32) -> Vec<u8> {
+    let image: Vec<u8> = (0..mib << 20)
+        .map(|i| (i.wrapping_mul(mul) >> 11).to_le_bytes()[0])
+        .collect();
+    std::fs::write(path, &image).unwrap();
+    image
+}
+
+/// `foresnap backup` of `vol` as volume `v` (1 MiB chunks) to `dests`
+/// under `policy`: its report.
+fn backup_to(vol: &std::path::Path, dests: &[&str], policy: &str) -> String {
+    let mut c = foresnap();
+    c.args(["backup", "--volume", "v", "--chunk-size", "1M"])
+        .args(["--dest-policy", policy]);
+    for d in dests {
+        c.args(["--dest", d]);
+    }
+    common::run(c.arg("--backing").arg(vol))
 }
 
 /// The files under `dir`, sorted.

@@ -752,6 +752,24 @@ mod tests {
         }
     }
 
+    /// The shape of a test volume of `vol` bytes (1 MiB chunks).
+    fn base(vol: u64, id: u8) -> Manifest {
+        Manifest {
+            volume_id: [id; 16],
+            snapshot: 0,
+            parent: 0,
+            closed_ms: 0,
+            volume_bytes: vol,
+            block_bytes: 4096,
+            chunk_bytes: MIB as u32,
+            chunks: Vec::new(),
+        }
+    }
+
+    fn dir_dest(p: &std::path::Path) -> Arc<dyn Destination> {
+        Arc::new(DirDestination::open(p).unwrap())
+    }
+
     fn two(dir: &std::path::Path, delay: Duration) -> (Arc<Faulty>, Arc<Faulty>, Copies) {
         let a = Faulty::new(&dir.join("a"), delay);
         let b = Faulty::new(&dir.join("b"), delay);
@@ -874,23 +892,12 @@ mod tests {
     #[test]
     fn catch_up_makes_a_new_member_hold_the_newest_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let a: Arc<dyn Destination> =
-            Arc::new(DirDestination::open(&dir.path().join("a")).unwrap());
-        let b: Arc<dyn Destination> =
-            Arc::new(DirDestination::open(&dir.path().join("b")).unwrap());
+        let a = dir_dest(&dir.path().join("a"));
+        let b = dir_dest(&dir.path().join("b"));
         let keys = Keys::new("vol").unwrap();
         let vol = 2 * MIB as u64;
         let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 253) as u8).collect();
-        let base = Manifest {
-            volume_id: [7; 16],
-            snapshot: 0,
-            parent: 0,
-            closed_ms: 0,
-            volume_bytes: vol,
-            block_bytes: 4096,
-            chunk_bytes: MIB as u32,
-            chunks: Vec::new(),
-        };
+        let base = base(vol, 7);
         let w = SnapshotWriter::new(a.as_ref(), &keys, &base, None, 1, 1, Codec::Zstd(1));
         w.put_chunk(0, &image[..MIB]).unwrap();
         w.put_chunk(1, &image[MIB..]).unwrap();
@@ -920,8 +927,7 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), image);
 
         // A damaged object at the only holder is refused, never copied.
-        let d: Arc<dyn Destination> =
-            Arc::new(DirDestination::open(&dir.path().join("d")).unwrap());
+        let d = dir_dest(&dir.path().join("d"));
         let key = keys.object(0, ObjectRef::own(2, ObjectKind::Delta));
         let p = dir.path().join("a").join(&key);
         let mut bytes = std::fs::read(&p).unwrap();
@@ -945,25 +951,14 @@ mod tests {
     #[test]
     fn alternate_keeps_each_snapshot_complete_at_its_member() {
         let dir = tempfile::tempdir().unwrap();
-        let a: Arc<dyn Destination> =
-            Arc::new(DirDestination::open(&dir.path().join("a")).unwrap());
-        let b: Arc<dyn Destination> =
-            Arc::new(DirDestination::open(&dir.path().join("b")).unwrap());
+        let a = dir_dest(&dir.path().join("a"));
+        let b = dir_dest(&dir.path().join("b"));
         let keys = Keys::new("vol").unwrap();
         let c = Copies::alternate(vec![a.clone(), b.clone()], keys.clone());
         assert!(c.url().starts_with("alternate("));
         let vol = 2 * MIB as u64;
         let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 239) as u8).collect();
-        let base = Manifest {
-            volume_id: [3; 16],
-            snapshot: 0,
-            parent: 0,
-            closed_ms: 0,
-            volume_bytes: vol,
-            block_bytes: 4096,
-            chunk_bytes: MIB as u32,
-            chunks: Vec::new(),
-        };
+        let base = base(vol, 3);
         let mut images = Vec::new();
         let mut parent: Option<Manifest> = None;
         for id in 1..=3u32 {
@@ -1033,16 +1028,7 @@ mod tests {
         let keys = Keys::new("vol").unwrap();
         let vol = 3 * MIB as u64;
         let image: Vec<u8> = (0..vol as usize).map(|i| (i % 241) as u8).collect();
-        let base = Manifest {
-            volume_id: [7; 16],
-            snapshot: 0,
-            parent: 0,
-            closed_ms: 0,
-            volume_bytes: vol,
-            block_bytes: 4096,
-            chunk_bytes: MIB as u32,
-            chunks: Vec::new(),
-        };
+        let base = base(vol, 7);
         let w = SnapshotWriter::new(&c, &keys, &base, None, 1, 1, Codec::Zstd(1));
         for i in 0..3 {
             w.put_chunk(i as u64, &image[i * MIB..(i + 1) * MIB])
