@@ -52,9 +52,8 @@ pub trait ChunkSource: Send + Sync {
     /// Puts chunk `chunk`'s content in `buf` (resized to the chunk's
     /// length, which is shorter for the volume's last chunk). Returns
     /// `false` when the chunk is all zeroes (nothing to write: a new
-    /// volume reads zeroes there). `urgent`: a request waits for it (a
-    /// bandwidth cap on background work should not hold it back).
-    fn fetch(&self, chunk: u64, urgent: bool, buf: &mut Vec<u8>) -> Result<bool, String>;
+    /// volume reads zeroes there).
+    fn fetch(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<bool, String>;
 }
 
 /// How a range stands.
@@ -425,21 +424,32 @@ impl Hydration {
     /// stores content (through the tracker, so that it is the new volume's
     /// first epoch); `sync()` makes everything written so far durable (the
     /// backing store and the write records); `wake()` wakes the queues
-    /// (their held-back requests retry); `progress` is called after each
-    /// chunk. Returns the final progress.
+    /// (their held-back requests retry); `pace(bytes)` is called by a
+    /// background worker before it takes a chunk, and may sleep (a
+    /// bandwidth cap): before, so that a chunk a request waits for is never
+    /// held by a worker that sleeps; `progress` is called after each chunk.
+    /// Returns the final progress.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         source: &dyn ChunkSource,
         write: &(dyn Fn(u64, &[u8]) -> io::Result<()> + Sync),
         sync: &(dyn Fn() -> io::Result<()> + Sync),
         wake: &(dyn Fn() + Sync),
+        pace: &(dyn Fn(u64) + Sync),
         workers: usize,
         progress: &(dyn Fn(HydrationProgress) + Sync),
     ) -> HydrationProgress {
         let worker = |urgent_only: bool| {
             let mut buf = Vec::new();
-            while let Some((c, asked)) = self.next(urgent_only) {
-                let result = self.hydrate_one(source, write, sync, c, asked, &mut buf);
+            loop {
+                if !urgent_only {
+                    pace(1 << self.chunk_shift);
+                }
+                let Some((c, asked)) = self.next(urgent_only) else {
+                    break;
+                };
+                let result = self.hydrate_one(source, write, sync, c, &mut buf);
                 if let Err(why) = result {
                     log::error!(
                         "hydration: chunk {c} (bytes {}..{}) cannot be restored: {why}; \
@@ -471,14 +481,13 @@ impl Hydration {
         write: &(dyn Fn(u64, &[u8]) -> io::Result<()> + Sync),
         sync: &(dyn Fn() -> io::Result<()> + Sync),
         c: u64,
-        urgent: bool,
         buf: &mut Vec<u8>,
     ) -> Result<(), String> {
         let started = Instant::now();
         let mut backoff = self.first_backoff;
         let mut attempt = 1;
         let data = loop {
-            match source.fetch(c, urgent, buf) {
+            match source.fetch(c, buf) {
                 Ok(data) => break data,
                 Err(why) if attempt >= self.attempts || self.stop.load(Ordering::Acquire) => {
                     return Err(format!("{why} (after {attempt} attempts)"));
@@ -533,7 +542,7 @@ mod tests {
     }
 
     impl ChunkSource for Source {
-        fn fetch(&self, chunk: u64, _urgent: bool, buf: &mut Vec<u8>) -> Result<bool, String> {
+        fn fetch(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<bool, String> {
             self.fetches.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(self.delay);
             if self.broken.contains(&chunk) {
@@ -556,6 +565,7 @@ mod tests {
             },
             &|| Ok(()),
             &|| {},
+            &|_| {},
             2,
             &|_| {},
         )
@@ -667,6 +677,7 @@ mod tests {
                     },
                     &|| Ok(()),
                     &|| {},
+                    &|_| {},
                     1,
                     &|_| {},
                 );
@@ -698,6 +709,48 @@ mod tests {
             h.finish().is_err(),
             "an incomplete hydration keeps its state"
         );
+    }
+
+    /// A background worker paced by a bandwidth cap sleeps before it takes
+    /// a chunk, never while holding one: a request for chunk 0 is served at
+    /// once, not after the background's first pause.
+    #[test]
+    fn a_paced_background_never_holds_a_wanted_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Hydration::state_path(&dir.path().join("vol"));
+        let h = Hydration::create(&p, 16 * u64::from(CHUNK), CHUNK, [0; 32]).unwrap();
+        let src = Source {
+            broken: vec![],
+            fetches: AtomicUsize::new(0),
+            delay: Duration::ZERO,
+        };
+        let waited = std::thread::scope(|s| {
+            s.spawn(|| {
+                h.run(
+                    &src,
+                    &|_, _| Ok(()),
+                    &|| Ok(()),
+                    &|| {},
+                    &|_| {
+                        if !h.stop.load(Ordering::Acquire) {
+                            std::thread::sleep(Duration::from_secs(3));
+                        }
+                    },
+                    1,
+                    &|_| {},
+                )
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let t = Instant::now();
+            h.want(0, 4096);
+            while h.readiness(0, 4096) != Readiness::Ready {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let waited = t.elapsed();
+            h.stop();
+            waited
+        });
+        assert!(waited < Duration::from_secs(2), "chunk 0 waited {waited:?}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use foresnap_driver::hydrate::{ChunkSource, Hydration};
 use foresnap_driver::{Shutdown, StopReason};
+use foresnap_uploader::link::TokenBucket;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -29,6 +30,8 @@ pub struct Lazy {
     pub source: Arc<dyn ChunkSource>,
     /// Background fetch workers (one more serves requests' chunks).
     pub workers: usize,
+    /// Bytes per second for the background workers, if capped.
+    pub cap: Option<u64>,
 }
 
 /// Serves the device of `cfg` in the foreground until SIGINT/SIGTERM:
@@ -198,6 +201,20 @@ fn start_hydrator(
             let started = Instant::now();
             let total = h.chunks();
             let last = Mutex::new(u64::MAX);
+            // A chunk of burst: one background fetch at a time at the rate.
+            #[allow(clippy::cast_precision_loss)]
+            let bucket = lazy
+                .cap
+                .map(|r| Mutex::new(TokenBucket::new_empty(r as f64, h.chunk_bytes() as f64)));
+            let pace = |bytes: u64| {
+                if let Some(b) = &bucket {
+                    let wait = b
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take(started.elapsed().as_secs_f64(), bytes);
+                    std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
+                }
+            };
             let p = h.run(
                 lazy.source.as_ref(),
                 &|offset, data| tracker.write_volume_as(queues, &file, offset, data),
@@ -206,6 +223,7 @@ fn start_hydrator(
                     tracker.ring_file().sync_data()
                 },
                 &|| tracker.wake_queues(),
+                &pace,
                 lazy.workers,
                 &|p| {
                     let step = p.ready * 10 / total.max(1);

@@ -15,7 +15,7 @@ use foresnap_uploader::dest::{Destination, DirDestination};
 use foresnap_uploader::engine::early::run_scheduler;
 use foresnap_uploader::engine::{Deadlines, Early, UploadReport, Uploader};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
-use foresnap_uploader::link::{Link, TokenBucket};
+use foresnap_uploader::link::Link;
 use foresnap_uploader::plan::{PlanConfig, Planner};
 use foresnap_uploader::restore::{
     list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
@@ -466,22 +466,10 @@ struct SnapshotSource {
     dest: Arc<dyn Destination>,
     keys: Keys,
     manifest: Manifest,
-    /// `--hydrate-cap`: background fetches wait for it, never the chunks
-    /// requests wait for. Seconds from `epoch`.
-    cap: Option<std::sync::Mutex<TokenBucket>>,
-    epoch: Instant,
 }
 
 impl ChunkSource for SnapshotSource {
-    fn fetch(&self, chunk: u64, urgent: bool, buf: &mut Vec<u8>) -> Result<bool, String> {
-        if let Some(cap) = self.cap.as_ref().filter(|_| !urgent) {
-            let bytes = u64::from(self.manifest.chunk_bytes);
-            let wait = cap
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take(self.epoch.elapsed().as_secs_f64(), bytes);
-            std::thread::sleep(std::time::Duration::from_secs_f64(wait.max(0.0)));
-        }
+    fn fetch(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<bool, String> {
         read_chunk(self.dest.as_ref(), &self.keys, &self.manifest, chunk, buf)
             .map_err(|e| e.to_string())
     }
@@ -574,18 +562,12 @@ fn restore_lazy(
     let lazy = crate::serve::Lazy {
         hydration: Arc::new(hydration),
         source: Arc::new(SnapshotSource {
-            cap: args.hydrate_cap.map(|r| {
-                // A chunk of burst: one fetch at a time at the rate.
-                #[allow(clippy::cast_precision_loss)]
-                let b = TokenBucket::new_empty(r as f64, f64::from(m.chunk_bytes));
-                std::sync::Mutex::new(b)
-            }),
-            epoch: Instant::now(),
             dest,
             keys,
             manifest: m,
         }),
         workers: args.workers,
+        cap: args.hydrate_cap,
     };
     crate::serve::serve_device(&cfg, None, args.control.clone(), Some(lazy))
 }

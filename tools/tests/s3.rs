@@ -690,6 +690,85 @@ fn mirror_failover(servers: &[&Server]) {
     );
 }
 
+/// `foresnap backup --dest-policy alternate` over both servers and a
+/// directory, three times: snapshot N is complete at the Nth destination
+/// and restores from it alone, bit-exact; `tier` then moves snapshot 1
+/// from its server to the directory.
+fn alternate_and_tier(servers: &[&Server]) {
+    let dir = tempfile::tempdir().unwrap();
+    let vp = dir.path().join("vol");
+    let image = pattern(8 * MIB, 77);
+    std::fs::write(&vp, &image).unwrap();
+    let local = format!("file://{}", dir.path().join("dest").display());
+    let dests = [servers[0].url("alt"), servers[1].url("alt"), local.clone()];
+    for id in 1..=3 {
+        let mut c = servers[0].foresnap();
+        c.args(["backup", "--volume", "alt", "--chunk-size", "1M"])
+            .args(["--dest-policy", "alternate"]);
+        for d in &dests {
+            c.args(["--dest", d]);
+        }
+        let text = run(c.arg("--backing").arg(&vp));
+        assert!(
+            text.contains(&format!("snapshot {id} uploaded to alternate(")),
+            "{text}"
+        );
+    }
+    for (id, d) in (1..=3).zip(&dests) {
+        let out = dir.path().join(format!("r{id}"));
+        run(servers[0]
+            .foresnap()
+            .args(["restore", "--volume", "alt", "--snapshot", &id.to_string()])
+            .args(["--dest", d, "--to"])
+            .arg(&out));
+        assert!(
+            std::fs::read(&out).unwrap() == image,
+            "snapshot {id} from {d}"
+        );
+        let listed = run(servers[0]
+            .foresnap()
+            .args(["snapshots", "--volume", "alt", "--dest", d]));
+        assert_eq!(listed.lines().count(), 1, "{d}: {listed}");
+    }
+    // Snapshot 1 (at SeaweedFS) is old next to snapshot 4 there: tier it
+    // to the directory. The newest at a destination always stays.
+    let mut c = servers[0].foresnap();
+    c.args(["backup", "--volume", "alt", "--chunk-size", "1M"])
+        .args(["--dest-policy", "alternate"]);
+    for d in &dests {
+        c.args(["--dest", d]);
+    }
+    assert!(run(c.arg("--backing").arg(&vp)).contains("snapshot 4 uploaded"));
+    let slow = format!("file://{}", dir.path().join("slow").display());
+    let text = run(servers[0].foresnap().args([
+        "tier", "--fast", &dests[0], "--slow", &slow, "--volume", "alt", "--age", "0s",
+    ]));
+    assert!(text.contains("snapshot 1 moved"), "{text}");
+    let out = dir.path().join("tiered");
+    run(servers[0]
+        .foresnap()
+        .args([
+            "restore",
+            "--volume",
+            "alt",
+            "--snapshot",
+            "1",
+            "--dest",
+            &slow,
+            "--to",
+        ])
+        .arg(&out));
+    assert!(std::fs::read(&out).unwrap() == image);
+    let listed =
+        run(servers[0]
+            .foresnap()
+            .args(["snapshots", "--volume", "alt", "--dest", &dests[0]]));
+    assert!(
+        listed.starts_with("snapshot 4 ") && listed.lines().count() == 1,
+        "{listed}"
+    );
+}
+
 /// Both servers at once: the mirror policy and restore failover.
 #[test]
 fn mirror_over_two_servers() {
@@ -699,6 +778,7 @@ fn mirror_over_two_servers() {
         (a.join().unwrap(), b.join().unwrap())
     });
     mirror_engine(&[&a, &b]);
+    alternate_and_tier(&[&a, &b]);
     mirror_failover(&[&a, &b]);
 }
 
