@@ -252,8 +252,13 @@ struct QueueState<'b> {
     /// Writes held back while an epoch closes, and requests waiting for a
     /// lazy restore's chunk; resumed by the waker.
     deferred: Vec<(u16, Request)>,
-    /// The waker's eventfd read lands here; boxed so it does not move.
-    waker_buf: Box<u64>,
+    /// The waker's eventfd read lands here. Leaked on purpose (8 bytes per
+    /// queue per device): the read stays armed in the kernel until the
+    /// ring is torn down, and a wake that arrives while the queue thread
+    /// exits (a lazy restore's hydrator wakes the queues after every chunk)
+    /// may still complete into it after this state is gone. Freed memory
+    /// there corrupted the heap (glibc: "unaligned tcache chunk detected").
+    waker_buf: &'static mut u64,
 }
 
 impl QueueState<'_> {
@@ -437,7 +442,7 @@ pub(crate) fn serve_queue(
         ),
         hydration,
         deferred: Vec::with_capacity(if tracker.is_some() { depth } else { 0 }),
-        waker_buf: Box::new(0),
+        waker_buf: Box::leak(Box::new(0)),
     };
     state.arm_waker(&queue);
     queue.wait_and_handle_io(|q, tag, io| state.handle(q, tag, io));
