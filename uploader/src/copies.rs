@@ -56,7 +56,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::dest::{DestError, Destination};
-use crate::format::{Keys, MAX_CHUNK_BYTES, Manifest, ObjectRef, decode_object};
+use crate::format::{Keys, Manifest, ObjectRef};
+use crate::restore::decode_named;
 
 /// Latency assumed for a member before its first read: none, so that every
 /// member is tried (and measured) early instead of the first one measured
@@ -464,11 +465,7 @@ impl Copies {
         todo.dedup();
         let total = todo.len() as u64;
         for (n, (chunk, r, key)) in todo.iter().enumerate() {
-            let ok = |b: &[u8]| {
-                decode_object(b, MAX_CHUNK_BYTES).is_ok_and(|o| {
-                    o.chunk == *chunk && o.kind == r.kind && o.block_bytes == manifest.block_bytes
-                })
-            };
+            let ok = |b: &[u8]| decode_named(b, manifest, *chunk, *r).is_ok();
             let bytes = self.get_valid(key, &ok)?;
             if !ok(&bytes) {
                 return Err(CatchUpError::Damaged {

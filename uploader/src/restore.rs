@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dest::{DestError, Destination};
 use crate::format::{
-    Codec, FormatError, Keys, MAX_CHUNK_BYTES, Manifest, ObjectKind, ObjectRef, decode_object,
-    encode_chunk, encode_delta,
+    Codec, FormatError, Keys, MAX_CHUNK_BYTES, Manifest, Object, ObjectKind, ObjectRef,
+    decode_object, encode_chunk, encode_delta,
 };
 
 /// Why a snapshot cannot be written or restored.
@@ -408,6 +408,27 @@ pub fn list_snapshots(dest: &dyn Destination, keys: &Keys) -> Result<Vec<u32>, S
     Ok(keys.snapshot_ids(&dest.list(&keys.manifests())?))
 }
 
+/// Whether decoded object `o` is the one manifest `m` names as reference
+/// `r` of chunk `chunk` (its chunk, kind and block size).
+pub fn is_named(o: &Object, m: &Manifest, chunk: u64, r: ObjectRef) -> bool {
+    o.chunk == chunk && o.kind == r.kind && o.block_bytes == m.block_bytes
+}
+
+/// `bytes` decoded (both checksums verified) if they are the object
+/// manifest `m` names as reference `r` of chunk `chunk`; else why not.
+pub fn decode_named(
+    bytes: &[u8],
+    m: &Manifest,
+    chunk: u64,
+    r: ObjectRef,
+) -> Result<Object, String> {
+    let o = decode_object(bytes, m.chunk_bytes).map_err(|e| e.to_string())?;
+    if !is_named(&o, m, chunk, r) {
+        return Err("not the object the manifest names (chunk, kind or block size differ)".into());
+    }
+    Ok(o)
+}
+
 /// Builds chunk `chunk` of a volume shaped like `manifest` from its
 /// objects `refs` (oldest first) into `buf`, verifying each.
 fn load_chunk(
@@ -427,11 +448,7 @@ fn load_chunk(
         // (`get_valid`); the object decoded by the check is kept.
         let decoded = std::cell::RefCell::new(None);
         let bytes = dest.get_valid(&key, &|b| match decode_object(b, manifest.chunk_bytes) {
-            Ok(o)
-                if o.chunk == chunk
-                    && o.kind == r.kind
-                    && o.block_bytes == manifest.block_bytes =>
-            {
+            Ok(o) if is_named(&o, manifest, chunk, r) => {
                 *decoded.borrow_mut() = Some(o);
                 true
             }
@@ -446,7 +463,7 @@ fn load_chunk(
                 }
             })?,
         };
-        if o.chunk != chunk || o.kind != r.kind || o.block_bytes != manifest.block_bytes {
+        if !is_named(&o, manifest, chunk, r) {
             return Err(SnapshotError::Mismatch {
                 key,
                 why: "the object is not the one the manifest names".into(),
@@ -696,10 +713,7 @@ fn check_object(
     bytes: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<(), String> {
-    let o = decode_object(bytes, m.chunk_bytes).map_err(|e| e.to_string())?;
-    if o.chunk != chunk || o.kind != r.kind || o.block_bytes != m.block_bytes {
-        return Err("not the object the manifest names (chunk, kind or block size differ)".into());
-    }
+    let o = decode_named(bytes, m, chunk, r)?;
     buf.clear();
     buf.resize(usize::try_from(m.chunk_len(chunk)).unwrap_or(0), 0);
     o.apply(buf).map_err(|e| e.to_string())

@@ -70,7 +70,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::dest::{DestError, Destination, check_key};
-use crate::format::{Keys, Manifest, ObjectRef, decode_object};
+use crate::format::{Keys, Manifest, ObjectRef};
+use crate::restore::decode_named;
 
 /// First word of a journal.
 const JOURNAL_MAGIC: &str = "FSNPTIER";
@@ -464,15 +465,7 @@ fn move_one(
     }
     let (mut objects, mut bytes) = (0u64, 0u64);
     for (key, (chunk, r)) in todo {
-        let check = |b: &[u8]| -> Result<(), String> {
-            let o = decode_object(b, m.chunk_bytes).map_err(|e| e.to_string())?;
-            if o.chunk != chunk || o.kind != r.kind || o.block_bytes != m.block_bytes {
-                return Err(
-                    "not the object the manifest names (chunk, kind or block size differ)".into(),
-                );
-            }
-            Ok(())
-        };
+        let check = |b: &[u8]| decode_named(b, m, chunk, r).map(drop);
         let data = fast.get_valid(&key, &|b| check(b).is_ok())?;
         check(&data).map_err(|why| TierError::Damaged {
             dest: fast.url(),
