@@ -260,6 +260,13 @@ impl WriteRing {
     /// Lock-free; refuses with [`RingFull`] rather than overwrite a record
     /// at or above [`WriteRing::release_below`].
     pub fn append(&self, epoch: u32, kind: RecordKind) -> Result<u64, RingFull> {
+        self.append_timed(epoch, kind).map(|(seq, _)| seq)
+    }
+
+    /// [`WriteRing::append`], also returning the record's time field: the
+    /// close of an epoch is dated from it, so that a recovered close
+    /// ([`WriteRing::wall_ms`]) carries the very same time.
+    pub fn append_timed(&self, epoch: u32, kind: RecordKind) -> Result<(u64, u32), RingFull> {
         // Reserve a sequence whose slot's previous occupant is released.
         // A CAS loop, not fetch_add, so that a full ring hands out nothing
         // (a reserved-but-unwritten sequence would read as torn).
@@ -304,7 +311,18 @@ impl WriteRing {
                 .add(HEADER_BYTES + slot * RECORD_BYTES);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, RECORD_BYTES);
         }
-        Ok(seq)
+        Ok((seq, time_ms))
+    }
+
+    /// The wall-clock time (ms since the Unix epoch) of a record's time
+    /// field: the latest time not after now whose offset from the ring's
+    /// creation is `time_ms` modulo 2^32, exact for a record written less
+    /// than 49 days ago by this clock.
+    pub fn wall_ms(&self, time_ms: u32) -> u64 {
+        let now = now_ms();
+        #[allow(clippy::cast_possible_truncation)]
+        let rel = now.wrapping_sub(self.header.created_ms) as u32;
+        now.saturating_sub(u64::from(rel.wrapping_sub(time_ms)))
     }
 
     /// Records below `seq` are no longer needed: their slots may be reused.

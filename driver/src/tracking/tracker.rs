@@ -411,7 +411,8 @@ impl Tracker {
         let records: Vec<_> = rec.records.iter().filter(|r| r.seq >= below).collect();
         let page = self.ring.bitmap_page();
         let mut open = 1u32;
-        let mut closes: BTreeMap<u32, u64> = BTreeMap::new();
+        // epoch -> (sequence, time) of its close record.
+        let mut closes: BTreeMap<u32, (u64, u32)> = BTreeMap::new();
         let mut writes: BTreeMap<u32, (u64, Vec<(u64, u64)>)> = BTreeMap::new();
         // slot -> (epoch, block), newest record wins: a freed slot is reused.
         let mut slots: BTreeMap<u32, (u32, u64)> = BTreeMap::new();
@@ -424,7 +425,7 @@ impl Tracker {
                     e.1.push((first, last));
                 }
                 RecordKind::Close => {
-                    closes.insert(r.epoch, r.seq);
+                    closes.insert(r.epoch, (r.seq, r.time_ms));
                     open = open.max(r.epoch + 1);
                 }
                 RecordKind::Preserve { block, slot } => {
@@ -442,13 +443,13 @@ impl Tracker {
         let mut open_ranges: Vec<(u64, u64)> = Vec::new();
         let mut open_first = None;
         let mut st = lock(&self.state);
-        for (&epoch, &close_seq) in &closes {
+        for (&epoch, &(close_seq, time_ms)) in &closes {
             let (first_seq, ranges) = writes.remove(&epoch).unwrap_or((close_seq, Vec::new()));
             st.closed.push(ClosedEpoch {
                 epoch,
                 changed: ChangedSet::from_ranges(ranges),
                 first_seq,
-                closed_ms: 0,
+                closed_ms: self.ring.wall_ms(time_ms),
                 preserved: HashMap::new(),
                 damaged: false,
             });
@@ -818,6 +819,7 @@ impl Tracker {
                     st.closed[i].damaged = true;
                 }
             }
+            crate::crashpoint::hit("cow");
             for &(i, b, slot) in &done {
                 let e = &mut st.closed[i];
                 if self
@@ -873,7 +875,12 @@ impl Tracker {
         let epoch = self.epoch.load(Ordering::Acquire);
         let changed = self.map.close_epoch();
         let blocks = changed.len();
-        let close_seq = self.ring.append(epoch, RecordKind::Close).ok();
+        let close = self.ring.append_timed(epoch, RecordKind::Close).ok();
+        let close_seq = close.map(|(seq, _)| seq);
+        // Dated by its record, so that a recovery finds the same time (a
+        // manifest written before a crash is rewritten equal after it).
+        let closed_ms = close.map_or_else(now_ms, |(_, t)| self.ring.wall_ms(t));
+        crate::crashpoint::hit("close");
         if close_seq.is_none() {
             // Degraded: the bitmap page carries the epoch number on.
             self.degraded.store(true, Ordering::Release);
@@ -892,7 +899,7 @@ impl Tracker {
             epoch,
             changed,
             first_seq,
-            closed_ms: now_ms(),
+            closed_ms,
             preserved: HashMap::new(),
             damaged: false,
         });
@@ -1193,9 +1200,15 @@ mod tests {
         ));
         assert_eq!(t.status().cow_blocks, 3);
         assert_eq!(t.status().preserve_slots_used, 3);
-        // kill -9: nothing synced, nothing shut down.
+        // kill -9: nothing synced, nothing shut down. Each close keeps
+        // its time to the millisecond (a manifest written before the
+        // crash is written again equal after it).
+        let times: Vec<u64> = t.closed_epochs().iter().map(|e| e.closed_ms).collect();
+        assert!(times.iter().all(|&ms| ms > 1_700_000_000_000), "{times:?}");
         drop(t);
         let (t, report) = bed.open();
+        let recovered: Vec<u64> = t.closed_epochs().iter().map(|e| e.closed_ms).collect();
+        assert_eq!(recovered, times, "close times after recovery");
         assert_eq!(report.closed_epochs, 2);
         assert_eq!(report.open_blocks, 2);
         assert_eq!(t.open_epoch(), 3);
