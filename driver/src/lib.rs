@@ -14,6 +14,7 @@
 
 pub mod backing;
 pub mod config;
+pub mod crashpoint;
 pub mod device;
 pub mod error;
 pub mod hydrate;

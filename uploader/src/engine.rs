@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use foresnap_driver::crashpoint;
 use foresnap_driver::tracking::Tracker;
 use foresnap_driver::tracking::tracker::ReadClosedError;
 
@@ -307,10 +308,16 @@ impl Uploader {
                 let chunk = job.next_chunk(&mut lock(&queue), &mut present)?;
                 Some((chunk, present))
             },
-            |(chunk, present), buf| job.upload(chunk, &present, buf),
+            |(chunk, present), buf| {
+                job.upload(chunk, &present, buf)?;
+                crashpoint::hit("object");
+                Ok(())
+            },
         )?;
         let counts = w.counts();
+        crashpoint::hit("manifest");
         let manifest = w.commit()?;
+        crashpoint::hit("ack");
         for b in changed.blocks() {
             self.tracker.ack_closed(epoch, b);
         }

@@ -125,12 +125,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `foresnap serve ARGS` and waits for its ready line.
     pub fn start(args: &[&str]) -> Daemon {
-        Daemon::start_as(&["serve"], args)
+        Daemon::start_as(&["serve"], args, &[])
+    }
+
+    /// Starts `foresnap serve ARGS` with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_as(&["serve"], args, env)
     }
 
     /// Starts `foresnap restore --lazy ARGS` and waits for its ready line.
     pub fn start_lazy(args: &[&str]) -> Daemon {
-        Daemon::start_as(&["restore", "--lazy"], args)
+        Daemon::start_as(&["restore", "--lazy"], args, &[])
     }
 
     /// Waits up to `timeout` for a stderr line containing `needle`; the
@@ -147,10 +152,11 @@ impl Daemon {
         }
     }
 
-    fn start_as(command: &[&str], args: &[&str]) -> Daemon {
+    fn start_as(command: &[&str], args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = foresnap()
             .args(command)
             .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -206,6 +212,23 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own; its
+    /// status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends `sig` and waits for the exit status.
