@@ -134,6 +134,75 @@ fn restore_diff(dir: &Path, dest: &str, id: u32, image: &Path) -> u64 {
     differing + a.len().abs_diff(b.len()) as u64
 }
 
+/// A served volume with a directory destination, in its own scratch
+/// directory, restarted on the same files after each crash.
+struct Bed {
+    dir: tempfile::TempDir,
+    img: PathBuf,
+    sock: PathBuf,
+    dest: String,
+    args: Vec<String>,
+}
+
+impl Bed {
+    fn new(size: &str, id: &str) -> Bed {
+        let dir = scratch();
+        let d = dir.path();
+        let (img, sock) = (d.join("vol.img"), d.join("ctl.sock"));
+        let dest = format!("file://{}", d.join("dest").display());
+        let ring = d.join("vol.ring");
+        let args = [
+            "--backing",
+            img.to_str().unwrap(),
+            "--size",
+            size,
+            "--id",
+            id,
+            "--ring",
+            ring.to_str().unwrap(),
+            "--control",
+            sock.to_str().unwrap(),
+            "--dest",
+            &dest,
+            "--volume",
+            VOLUME,
+            "--chunk-size",
+            "1M",
+            // Slow enough that writes overwrite blocks of a snapshot still
+            // uploading (copy-on-write) and that uploads span the kills.
+            "--upload-cap",
+            "2MiB/s",
+        ]
+        .map(String::from)
+        .to_vec();
+        Bed {
+            dir,
+            img,
+            sock,
+            dest,
+            args,
+        }
+    }
+
+    fn start(&self, env: &[(String, String)]) -> Daemon {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Daemon::start_env(&args, &env)
+    }
+}
+
+/// The environment that arms a daemon for a crash in `phase` (`writes`:
+/// none, the kill comes from outside); the object point fires at a
+/// random one of the first few objects.
+fn arm(phase: &str, rng: &mut u64) -> Vec<(String, String)> {
+    let at = match phase {
+        "writes" => return vec![],
+        "object" => format!("object:{}", 1 + next(rng) % 4),
+        p => p.to_owned(),
+    };
+    vec![("FORESNAP_CRASH_AT".into(), at)]
+}
+
 #[test]
 #[ignore = "needs ublk: scripts/torture runs it in the VM test bed"]
 fn crash_matrix_loses_no_snapshot() {
@@ -141,53 +210,10 @@ fn crash_matrix_loses_no_snapshot() {
     let trials: u32 = env_or("FORESNAP_CRASH_TRIALS", 12);
     let mut rng: u64 = env_or("FORESNAP_CRASH_SEED", 0x7027_42e5_eed5);
     eprintln!("crash matrix: {trials} trials, seed {rng}");
-    let dir = scratch();
-    let d = dir.path();
-    let img = d.join("vol.img");
-    let (ring, sock) = (d.join("vol.ring"), d.join("ctl.sock"));
-    let dest = format!("file://{}", d.join("dest").display());
-    let args: Vec<String> = [
-        "--backing",
-        img.to_str().unwrap(),
-        "--size",
-        "24M",
-        "--id",
-        "13",
-        "--ring",
-        ring.to_str().unwrap(),
-        "--control",
-        sock.to_str().unwrap(),
-        "--dest",
-        &dest,
-        "--volume",
-        VOLUME,
-        "--chunk-size",
-        "1M",
-        // Slow enough that writes overwrite blocks of a snapshot still
-        // uploading (copy-on-write) and that uploads span the kills.
-        "--upload-cap",
-        "2MiB/s",
-    ]
-    .map(String::from)
-    .to_vec();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    // Arms the daemon for trial `t` (the `writes` phase is unarmed); the
-    // object point fires at a random one of the first few objects.
-    let arm = |t: u32, rng: &mut u64| -> Vec<(String, String)> {
-        match PHASES[t as usize % PHASES.len()] {
-            "writes" => vec![],
-            "object" => vec![(
-                "FORESNAP_CRASH_AT".into(),
-                format!("object:{}", 1 + next(rng) % 4),
-            )],
-            p => vec![("FORESNAP_CRASH_AT".into(), p.into())],
-        }
-    };
-    let start = |env: &[(String, String)]| {
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Daemon::start_env(&args, &env)
-    };
-    let mut daemon = start(&arm(0, &mut rng));
+    let bed = Bed::new("24M", "13");
+    let (d, img, sock, dest) = (bed.dir.path(), &bed.img, &bed.sock, &bed.dest);
+    let start = |env: &[(String, String)]| bed.start(env);
+    let mut daemon = start(&arm(PHASES[0], &mut rng));
     let dev = daemon.dev.display().to_string();
 
     // Snapshot id -> the device's content at its close.
@@ -202,8 +228,8 @@ fn crash_matrix_loses_no_snapshot() {
             &format!("trial {trial} before the close"),
         );
         // The device is quiet: the backing is the content at this close.
-        let before = open_epoch(&sock);
-        match try_snapshot(&sock) {
+        let before = open_epoch(sock);
+        match try_snapshot(sock) {
             Some(n) => {
                 sh(&format!("cp {} {}", img.display(), keep(n).display()));
                 images.insert(n, keep(n));
@@ -243,16 +269,16 @@ fn crash_matrix_loses_no_snapshot() {
             // The close record was written before the kill, so it is
             // recovered (the ring is mmap'd: a process kill loses none of
             // it); the epoch must be closed, with the quiet content.
-            let open = open_epoch(&sock);
+            let open = open_epoch(sock);
             assert_eq!(open, before + 1, "trial {trial}: the close was lost");
             images.insert(before, keep(before));
         }
         let newest = *images.keys().next_back().expect("a snapshot");
-        wait_uploaded(&dest, newest);
+        wait_uploaded(dest, newest);
         // Each trial restores the snapshots it closed (the older ones are
         // checked by their own trials; the last check covers the chain).
         for (&id, image) in images.range(before..) {
-            let diff = restore_diff(d, &dest, id, image);
+            let diff = restore_diff(d, dest, id, image);
             lost += diff;
             verified += 1;
             assert_eq!(diff, 0, "trial {trial} ({how}): snapshot {id} differs");
@@ -261,21 +287,21 @@ fn crash_matrix_loses_no_snapshot() {
         eprintln!("trial {trial}: {how}: snapshots {checked:?} exact");
         // Quiet and uploaded: re-attach armed for the next trial.
         daemon.kill9();
-        daemon = start(&arm(trial + 1, &mut rng));
+        daemon = start(&arm(PHASES[(trial as usize + 1) % PHASES.len()], &mut rng));
     }
     // After every crash: the device equals the last snapshot, and every
     // snapshot still restores exact.
-    let last = try_snapshot(&sock).expect("final snapshot");
+    let last = try_snapshot(sock).expect("final snapshot");
     sh(&format!("cp {} {}", img.display(), keep(last).display()));
     images.insert(last, keep(last));
-    wait_uploaded(&dest, last);
+    wait_uploaded(dest, last);
     for (&id, image) in &images {
-        let diff = restore_diff(d, &dest, id, image);
+        let diff = restore_diff(d, dest, id, image);
         lost += diff;
         verified += 1;
         assert_eq!(diff, 0, "snapshot {id} differs after all trials");
     }
-    run(foresnap().args(["verify", "--dest", &dest, "--volume", VOLUME]));
+    run(foresnap().args(["verify", "--dest", dest, "--volume", VOLUME]));
     daemon.stop();
     assert_no_ublk_devices();
     let kinds: Vec<String> = crashes.iter().map(|(k, n)| format!("{k}={n}")).collect();
@@ -284,4 +310,144 @@ fn crash_matrix_loses_no_snapshot() {
         kinds.join(","),
         images.len()
     );
+}
+
+/// Where the ext4 trials' crashes land, in turn.
+const EXT4_PHASES: [&str; 4] = ["writes", "cow", "manifest", "object"];
+
+/// ext4 on the device, files written with their checksums recorded, and
+/// the daemon killed (from outside or at a crash point) while more files
+/// are written. After each restart every file synced before the kill
+/// reads back right through the still-mounted filesystem; at the end the
+/// filesystem checks clean, and every snapshot (taken frozen) restores to
+/// an image that checks clean and holds exactly the files it should.
+#[test]
+#[ignore = "needs ublk: scripts/torture runs it in the VM test bed"]
+fn ext4_survives_kills_and_every_snapshot_checks_clean() {
+    require_ublk();
+    let trials: u32 = env_or("FORESNAP_EXT4_TRIALS", 4);
+    let mut rng: u64 = env_or("FORESNAP_CRASH_SEED", 0x7027_42e5_eed5);
+    eprintln!("ext4 crash trials: {trials}, seed {rng}");
+    let bed = Bed::new("48M", "14");
+    let d = bed.dir.path();
+    let mut daemon = bed.start(&arm(EXT4_PHASES[0], &mut rng));
+    let dev = daemon.dev.display().to_string();
+    let mnt = d.join("mnt");
+    sh(&format!(
+        "set -e; mkfs.ext4 -q -F -b 4096 {dev}; mkdir -p {m}; mount -t ext4 {dev} {m}",
+        m = mnt.display()
+    ));
+    let m = mnt.display().to_string();
+    let sums = |n: u32| d.join(format!("sums{n}"));
+    let mut snapshots: Vec<u32> = Vec::new();
+    let mut crashes: BTreeMap<&str, u32> = BTreeMap::new();
+    for trial in 0..trials {
+        let phase = EXT4_PHASES[trial as usize % EXT4_PHASES.len()];
+        // Files for this snapshot, synced; their sums join the list.
+        sh(&format!(
+            "set -e; mkdir -p {m}/s{trial}; for i in $(seq 1 6); do \
+               head -c $(( (i * 37 + {r}) % 300 + 4 ))K /dev/urandom > {m}/s{trial}/f$i; done; \
+             sync; cd {m} && sha256sum s{trial}/* >> {all}",
+            r = next(&mut rng) % 1000,
+            all = d.join("sums").display()
+        ));
+        sh(&format!("fsfreeze -f {m}"));
+        let n = try_snapshot(&bed.sock);
+        let n = n.unwrap_or_else(|| panic!("trial {trial}: snapshot failed"));
+        std::fs::copy(d.join("sums"), sums(n)).unwrap();
+        snapshots.push(n);
+        // Thawing writes the superblock (its first copy-on-write, and
+        // maybe the crash), then more files while the daemon dies; only
+        // the synced ones count.
+        let writer = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "fsfreeze -u {m} || exit 1; mkdir -p {m}/w{trial}; for i in $(seq 1 40); do \
+                   head -c 96K /dev/urandom > {m}/w{trial}/f$i || exit 1; \
+                   [ $((i % 8)) = 0 ] && sync; done; sync"
+            ))
+            .spawn()
+            .unwrap();
+        let how = if phase == "writes" {
+            std::thread::sleep(Duration::from_millis(300 + next(&mut rng) % 1500));
+            daemon.kill9();
+            "writes"
+        } else if daemon.wait_exit(Duration::from_secs(20)).is_some() {
+            phase
+        } else {
+            daemon.kill9();
+            "writes (armed point not reached)"
+        };
+        *crashes.entry(how).or_default() += 1;
+        daemon = bed.start(&[]);
+        assert_eq!(daemon.dev.display().to_string(), dev, "not re-attached");
+        let w = writer.wait_with_output().unwrap();
+        assert!(w.status.success(), "trial {trial}: writing files failed");
+        let check = sh(&format!(
+            "cd {m} && sha256sum -c --quiet {} && echo FILES-OK",
+            d.join("sums").display()
+        ));
+        assert!(check.contains("FILES-OK"), "trial {trial} ({how}): {check}");
+        wait_uploaded(&bed.dest, n);
+        eprintln!("trial {trial}: {how}: files intact, snapshot {n} uploaded");
+        daemon.kill9();
+        daemon = bed.start(&arm(
+            EXT4_PHASES[(trial as usize + 1) % EXT4_PHASES.len()],
+            &mut rng,
+        ));
+    }
+    sh(&format!("umount {m}"));
+    let fsck = sh_status(&format!("e2fsck -fn {dev}"));
+    assert!(fsck.0, "the device's filesystem is damaged: {}", fsck.1);
+    let (mut verified, mut files) = (0, 0);
+    for &n in &snapshots {
+        let out = d.join(format!("restored{n}"));
+        run(foresnap()
+            .args([
+                "restore",
+                "--dest",
+                &bed.dest,
+                "--volume",
+                VOLUME,
+                "--snapshot",
+            ])
+            .arg(n.to_string())
+            .arg("--out")
+            .arg(&out));
+        let fsck = sh_status(&format!("e2fsck -fn {}", out.display()));
+        assert!(
+            fsck.0,
+            "snapshot {n} restores to a damaged filesystem: {}",
+            fsck.1
+        );
+        let check = sh(&format!(
+            "mkdir -p {r}; mount -t ext4 -o ro,loop {o} {r} && \
+             (cd {r} && sha256sum -c --quiet {s} && echo FILES-OK); umount {r}; rm -f {o}",
+            r = d.join("r").display(),
+            o = out.display(),
+            s = sums(n).display()
+        ));
+        assert!(check.contains("FILES-OK"), "snapshot {n}: {check}");
+        verified += 1;
+        files += std::fs::read_to_string(sums(n)).unwrap().lines().count();
+    }
+    daemon.stop();
+    assert_no_ublk_devices();
+    let kinds: Vec<String> = crashes.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    eprintln!(
+        "TORTURE crash-ext4 trials={trials} crashes[{}] snapshots={} verified={verified} files_checked={files}",
+        kinds.join(","),
+        snapshots.len()
+    );
+}
+
+/// Runs a shell script: whether it succeeded, and its output.
+fn sh_status(script: &str) -> (bool, String) {
+    let o = common::sh_output(script);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
 }
