@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::upload::UploadView;
 use anyhow::{Context, bail};
 use foresnap_driver::tracking::Tracker;
-use foresnap_uploader::engine::Deadlines;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -44,11 +44,7 @@ pub enum Request {
 
 /// Binds `path` (replacing a stale socket left by a killed daemon, never a
 /// live one) and serves requests on a thread until the process exits.
-pub fn serve(
-    path: &Path,
-    tracker: Arc<Tracker>,
-    deadlines: Option<Arc<Deadlines>>,
-) -> anyhow::Result<()> {
+pub fn serve(path: &Path, tracker: Arc<Tracker>, upload: Option<UploadView>) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -73,7 +69,7 @@ pub fn serve(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &tracker, deadlines.as_deref()) {
+                        if let Err(e) = handle(c, &tracker, upload.as_ref()) {
                             log::warn!("control connection: {e:#}");
                         }
                     }
@@ -85,11 +81,7 @@ pub fn serve(
     Ok(())
 }
 
-fn handle(
-    conn: UnixStream,
-    tracker: &Tracker,
-    deadlines: Option<&Deadlines>,
-) -> anyhow::Result<()> {
+fn handle(conn: UnixStream, tracker: &Tracker, upload: Option<&UploadView>) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -99,7 +91,7 @@ fn handle(
         return Ok(());
     } else {
         match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => answer(&req, tracker, deadlines),
+            Ok(req) => answer(&req, tracker, upload),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         }
     };
@@ -108,7 +100,8 @@ fn handle(
     Ok(())
 }
 
-fn answer(req: &Request, tracker: &Tracker, deadlines: Option<&Deadlines>) -> Value {
+fn answer(req: &Request, tracker: &Tracker, upload: Option<&UploadView>) -> Value {
+    let deadlines = upload.and_then(|u| u.deadlines.as_deref());
     match req {
         Request::Snapshot => match tracker.close() {
             Ok(c) => json!({
@@ -143,6 +136,17 @@ fn answer(req: &Request, tracker: &Tracker, deadlines: Option<&Deadlines>) -> Va
                         "history": d.history(),
                         "sent_early": sent_early,
                         "voided": voided,
+                    })
+                }),
+                "upload": upload.map(|u| {
+                    let h = u.health.get();
+                    json!({
+                        "dest": u.dest,
+                        "last_uploaded": h.last_uploaded.map(|(id, ms)| json!({"snapshot": id, "at_ms": ms})),
+                        "failing_since_ms": h.failing_since_ms,
+                        "failures": h.failures,
+                        "last_error": h.last_error,
+                        "retry_at_ms": h.retry_at_ms,
                     })
                 }),
                 "closed": s.closed.iter().map(|e| json!({

@@ -77,8 +77,8 @@ pub fn serve_device(
     });
     let result = foresnap_driver::serve_with(cfg, &shutdown, lazy, move |info| {
         if let Some((tracker, report)) = &info.tracker {
-            let deadlines = match upload.map(|plan| plan.start(tracker.clone(), uploader_stop)) {
-                Some(Ok(d)) => d,
+            let view = match upload.map(|plan| plan.start(tracker.clone(), uploader_stop)) {
+                Some(Ok(v)) => Some(v),
                 Some(Err(e)) => {
                     eprintln!("foresnap: {e:#}");
                     ready_shutdown.trigger(StopReason::QueueExited);
@@ -87,7 +87,7 @@ pub fn serve_device(
                 None => None,
             };
             let path = control_arg.unwrap_or_else(|| control::default_socket(info.id));
-            if let Err(e) = control::serve(&path, tracker.clone(), deadlines) {
+            if let Err(e) = control::serve(&path, tracker.clone(), view) {
                 // No control path means no snapshots: do not serve a
                 // device that looks tracked but cannot be snapshotted.
                 eprintln!("foresnap: {e:#}");
@@ -301,6 +301,7 @@ pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
         v["cow_blocks"], v["preserve_slots_used"]
     );
     println!("deferred writes   {}", v["deferred_writes"]);
+    print_upload(&v["upload"]);
     print_schedule(&v["schedule"]);
     let closed = v["closed"].as_array().cloned().unwrap_or_default();
     println!("awaiting upload   {} snapshots", closed.len());
@@ -318,6 +319,39 @@ pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The uploader's standing in `status`: healthy (its last snapshot), or
+/// failing (since when, how often, why, and the next attempt).
+fn print_upload(u: &serde_json::Value) {
+    if u.is_null() {
+        println!("upload            none (no --dest)");
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    #[allow(clippy::cast_precision_loss)]
+    let ago = |ms: &serde_json::Value| now.saturating_sub(ms.as_u64().unwrap_or(now)) as f64 / 1e3;
+    let dest = u["dest"].as_str().unwrap_or("?");
+    if let Some(since) = u.get("failing_since_ms").filter(|v| !v.is_null()) {
+        #[allow(clippy::cast_precision_loss)]
+        let next = u["retry_at_ms"].as_u64().unwrap_or(now).saturating_sub(now) as f64 / 1e3;
+        println!(
+            "upload            FAILING for {:.0} s ({} attempts) to {dest}: {}; next attempt in {next:.0} s",
+            ago(since),
+            u["failures"],
+            u["last_error"].as_str().unwrap_or("?")
+        );
+    } else if let Some(last) = u.get("last_uploaded").filter(|v| !v.is_null()) {
+        println!(
+            "upload            ok to {dest}: snapshot {} stored {:.1} s ago",
+            last["snapshot"],
+            ago(&last["at_ms"])
+        );
+    } else {
+        println!("upload            ok to {dest}: nothing stored yet by this server");
+    }
 }
 
 /// The schedule part of `status`: the next close, the planner's view and

@@ -13,7 +13,7 @@ use foresnap_driver::tracking::Tracker;
 use foresnap_uploader::copies::Copies;
 use foresnap_uploader::dest::{Destination, DirDestination};
 use foresnap_uploader::engine::early::run_scheduler;
-use foresnap_uploader::engine::{Deadlines, Early, UploadReport, Uploader};
+use foresnap_uploader::engine::{Deadlines, Early, UploadHealth, UploadReport, Uploader};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
 use foresnap_uploader::link::Link;
 use foresnap_uploader::plan::{PlanConfig, Planner};
@@ -186,6 +186,15 @@ pub fn prepare(
     }))
 }
 
+/// The uploader of a served volume, as `status` sees it.
+#[derive(Debug)]
+pub struct UploadView {
+    pub dest: String,
+    /// With a schedule: the planner and the snapshots' lags.
+    pub deadlines: Option<Arc<Deadlines>>,
+    pub health: Arc<UploadHealth>,
+}
+
 impl UploadPlan {
     fn uploader(&self, tracker: Arc<Tracker>) -> anyhow::Result<Uploader> {
         let url = self.dest.url();
@@ -217,13 +226,9 @@ impl UploadPlan {
     /// Starts the uploader thread of `serve`, and with a schedule the
     /// scheduler thread that closes the epochs. They run until the
     /// process ends (`stop` lets the uploader finish its current
-    /// snapshot's objects first). Returns the deadlines the control
-    /// socket reports.
-    pub fn start(
-        self,
-        tracker: Arc<Tracker>,
-        stop: Arc<AtomicBool>,
-    ) -> anyhow::Result<Option<Arc<Deadlines>>> {
+    /// snapshot's objects first). Returns what the control socket reports
+    /// of them.
+    pub fn start(self, tracker: Arc<Tracker>, stop: Arc<AtomicBool>) -> anyhow::Result<UploadView> {
         let mut up = self.uploader(tracker.clone())?;
         log::info!("{}", self.describe(&up));
         let mut deadlines = None;
@@ -257,11 +262,17 @@ impl UploadPlan {
                 .context("cannot start the scheduler thread")?;
             deadlines = Some(d);
         }
+        let health = Arc::new(UploadHealth::default());
+        let h = health.clone();
         std::thread::Builder::new()
             .name("uploader".into())
-            .spawn(move || up.run(&stop))
+            .spawn(move || up.run_reporting(&stop, &h))
             .context("cannot start the uploader thread")?;
-        Ok(deadlines)
+        Ok(UploadView {
+            dest: self.dest.url(),
+            deadlines,
+            health,
+        })
     }
 }
 

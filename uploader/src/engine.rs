@@ -342,7 +342,12 @@ impl Uploader {
     /// retries a failed upload with exponential backoff (0.5 s to 60 s).
     /// While no closed epoch is owed, uploads the open one's parts as the
     /// predictive planner says ([`Uploader::with_early`]).
-    pub fn run(mut self, stop: &AtomicBool) {
+    pub fn run(self, stop: &AtomicBool) {
+        self.run_reporting(stop, &UploadHealth::default());
+    }
+
+    /// [`Uploader::run`], keeping `health` up to date for `status`.
+    pub fn run_reporting(mut self, stop: &AtomicBool, health: &UploadHealth) {
         let mut backoff = Duration::from_millis(500);
         while !stop.load(Ordering::Relaxed) {
             let step = match self.upload_next() {
@@ -356,6 +361,7 @@ impl Uploader {
             match step {
                 Ok(Some(r)) => {
                     backoff = Duration::from_millis(500);
+                    health.succeeded(r.snapshot);
                     log::info!(
                         "snapshot {} uploaded to {}: {} blocks, {} objects stored ({} found already there, {} chains compacted), {} bytes, {:.1} s",
                         r.snapshot,
@@ -375,6 +381,7 @@ impl Uploader {
                         self.dest.url(),
                         backoff.as_secs_f64()
                     );
+                    health.failed(e.to_string(), backoff);
                     let until = Instant::now() + backoff;
                     while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(50));
@@ -384,6 +391,57 @@ impl Uploader {
             }
         }
     }
+}
+
+/// How the uploader stands with its destination, for `status`: updated
+/// after every upload attempt, read by the control socket.
+#[derive(Debug, Default)]
+pub struct UploadHealth {
+    state: Mutex<HealthState>,
+}
+
+/// A copy of [`UploadHealth`]'s state (times in ms since the Unix epoch).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HealthState {
+    /// The newest snapshot stored, and when.
+    pub last_uploaded: Option<(u32, u64)>,
+    /// Since when uploads fail (the first failure after a success).
+    pub failing_since_ms: Option<u64>,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When the next attempt is due, while failing.
+    pub retry_at_ms: Option<u64>,
+}
+
+impl UploadHealth {
+    pub fn get(&self) -> HealthState {
+        lock(&self.state).clone()
+    }
+
+    fn succeeded(&self, snapshot: u32) {
+        let mut st = lock(&self.state);
+        *st = HealthState {
+            last_uploaded: Some((snapshot, wall_ms())),
+            ..HealthState::default()
+        };
+    }
+
+    fn failed(&self, error: String, retry_in: Duration) {
+        let mut st = lock(&self.state);
+        let now = wall_ms();
+        st.failing_since_ms.get_or_insert(now);
+        st.failures += 1;
+        st.last_error = Some(error);
+        st.retry_at_ms = Some(now + u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX));
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
