@@ -5,6 +5,10 @@
 //! manifest put, the middle of an epoch close); these points can, and the
 //! crash matrix (`tools/tests/torture.rs`) visits each.
 //!
+//! With `FORESNAP_CRASH_GATE=PATH` as well, passes count only while PATH
+//! exists: a test arms a daemon at its start and opens the gate at the
+//! moment it wants the crash, without a restart in between.
+//!
 //! Unset (every normal run), [`hit`] is one load of a value parsed once.
 //! The points are on slow paths only (epoch close, copy-on-write, the
 //! uploader's puts), never per I/O.
@@ -27,6 +31,7 @@ pub const POINTS: [&str; 5] = ["close", "cow", "object", "manifest", "ack"];
 struct Armed {
     point: String,
     at: u64,
+    gate: Option<std::path::PathBuf>,
     seen: AtomicU64,
 }
 
@@ -39,6 +44,7 @@ fn armed() -> Option<&'static Armed> {
                 Ok((point, at)) => Some(Armed {
                     point,
                     at,
+                    gate: std::env::var_os("FORESNAP_CRASH_GATE").map(Into::into),
                     seen: AtomicU64::new(0),
                 }),
                 Err(why) => {
@@ -66,7 +72,10 @@ fn parse(spec: &str) -> Result<(String, u64), String> {
 pub fn hit(point: &'static str) {
     debug_assert!(POINTS.contains(&point), "crash point {point} not in POINTS");
     let Some(a) = armed() else { return };
-    if a.point != point || a.seen.fetch_add(1, Ordering::Relaxed) + 1 != a.at {
+    if a.point != point || a.gate.as_ref().is_some_and(|g| !g.exists()) {
+        return;
+    }
+    if a.seen.fetch_add(1, Ordering::Relaxed) + 1 != a.at {
         return;
     }
     // Not a log line: the point of SIGKILL is that nothing else runs.
