@@ -11,13 +11,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{foresnap, run};
+use common::{Server, pattern, run};
 use foresnap_driver::tracking::Geometry;
 use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
 use foresnap_uploader::copies::Copies;
@@ -28,96 +27,6 @@ use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image, v
 use foresnap_uploader::s3::{S3Credentials, S3Destination, S3Url};
 
 const MIB: u64 = 1 << 20;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A running server, stopped on drop.
-struct Server {
-    kind: &'static str,
-    dir: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-impl Server {
-    fn start(kind: &'static str) -> Server {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("foresnap-s3-{kind}-"))
-            .tempdir()
-            .unwrap();
-        let script = repo().join("scripts/lib/s3-server");
-        let out = Command::new(&script)
-            .args(["start", kind])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{kind} did not start (run scripts/install-s3-tools first): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = std::fs::read_to_string(dir.path().join("env")).unwrap();
-        let env = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches(['\'', '"']).to_owned()))
-            .collect();
-        Server { kind, dir, env }
-    }
-
-    fn var(&self, k: &str) -> &str {
-        self.env
-            .get(k)
-            .unwrap_or_else(|| panic!("{k} missing from the server's env file"))
-    }
-
-    fn url(&self, prefix: &str) -> String {
-        format!(
-            "s3://{}/{prefix}?endpoint={}",
-            self.var("S3_BUCKET"),
-            self.var("S3_ENDPOINT")
-        )
-    }
-
-    fn creds(&self) -> S3Credentials {
-        S3Credentials {
-            access_key_id: self.var("AWS_ACCESS_KEY_ID").to_owned(),
-            secret_access_key: self.var("AWS_SECRET_ACCESS_KEY").to_owned(),
-        }
-    }
-
-    fn open(&self, prefix: &str) -> S3Destination {
-        S3Destination::open_with(S3Url::parse(&self.url(prefix)).unwrap(), Some(self.creds()))
-            .unwrap_or_else(|e| panic!("{}: {e}", self.kind))
-    }
-
-    /// `foresnap ARGS` with this server's credentials in its environment
-    /// (as a user's shell would have them) and nothing else of AWS's.
-    fn foresnap(&self) -> Command {
-        let mut c = foresnap();
-        for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"] {
-            c.env_remove(k);
-        }
-        c.env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", self.var("AWS_ACCESS_KEY_ID"))
-            .env("AWS_SECRET_ACCESS_KEY", self.var("AWS_SECRET_ACCESS_KEY"));
-        c
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/lib/s3-server"))
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
 
 /// A new `size`-byte volume file `vol-NAME` in `dir`, open for writing,
 /// with a new tracker (ring `ring-NAME` of `ring_bytes`, one queue).
@@ -143,19 +52,6 @@ fn tracked_volume(
     };
     let (t, _) = Tracker::open(&cfg, &vp, size, 1).unwrap();
     (Arc::new(t), vol, vp)
-}
-
-fn pattern(len: u64, seed: u64) -> Vec<u8> {
-    // xorshift: incompressible, reproducible.
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24).to_le_bytes()[0]
-        })
-        .collect()
 }
 
 /// The destination contract, as the directory destination keeps it:

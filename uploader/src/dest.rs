@@ -49,8 +49,9 @@ pub trait Destination: Send + Sync + std::fmt::Debug {
     /// The bytes stored under `key`, for a reader that checks them with
     /// `valid` (a checksum): a destination that holds several copies
     /// ([`crate::copies::Copies`]) returns a copy that passes, trying the
-    /// others when one does not. A single copy is returned as it is: the
-    /// caller's check reports the damage.
+    /// others when one does not; one whose reads can be damaged on the way
+    /// (the S3 destination) reads again. Bytes that fail every try are
+    /// returned as they are: the caller's check reports the damage.
     fn get_valid(&self, key: &str, valid: &dyn Fn(&[u8]) -> bool) -> Result<Vec<u8>, DestError> {
         let _ = valid;
         self.get(key)

@@ -166,8 +166,10 @@ impl<'d> SnapshotWriter<'d> {
                 Ok(())
             }
             Err(DestError::AlreadyExists { .. }) => {
-                // A previous attempt stored it: keep it if it is whole.
-                let there = self.dest.get(&key)?;
+                // A previous attempt stored it (or its answer was lost
+                // and the retry found it): keep it if it is whole.
+                let whole = |b: &[u8]| decode_object(b, MAX_CHUNK_BYTES).is_ok();
+                let there = self.dest.get_valid(&key, &whole)?;
                 let o = decode_object(&there, MAX_CHUNK_BYTES).map_err(|source| {
                     SnapshotError::Format {
                         key: key.clone(),
@@ -336,11 +338,11 @@ impl<'d> SnapshotWriter<'d> {
         match self.dest.put(&key, &manifest.encode()) {
             Ok(()) => Ok(manifest),
             Err(DestError::AlreadyExists { .. }) => {
-                let there = Manifest::decode(&self.dest.get(&key)?).map_err(|source| {
-                    SnapshotError::Format {
-                        key: key.clone(),
-                        error: source,
-                    }
+                let whole = |b: &[u8]| Manifest::decode(b).is_ok();
+                let there = self.dest.get_valid(&key, &whole)?;
+                let there = Manifest::decode(&there).map_err(|source| SnapshotError::Format {
+                    key: key.clone(),
+                    error: source,
                 })?;
                 if there == manifest {
                     Ok(manifest)
@@ -677,10 +679,25 @@ pub fn verify_snapshots(
         let ((chunk, r), (i, snaps)) = &objects[usize::try_from(n).unwrap_or(usize::MAX)];
         let m = &manifests[*i];
         let key = keys.object(*chunk, *r);
-        let (bytes, what) = match dest.get(&key) {
+        // Read with the check: bytes damaged on the way are read again
+        // (`get_valid`), only damage that stays is reported.
+        let buf = std::cell::RefCell::new(buf);
+        let verdict = std::cell::RefCell::new(None);
+        let got = dest.get_valid(&key, &|b| {
+            let v = check_object(m, *chunk, *r, b, &mut buf.borrow_mut());
+            let ok = v.is_ok();
+            *verdict.borrow_mut() = Some(v);
+            ok
+        });
+        let (bytes, what) = match got {
             Ok(bytes) => {
-                let len = bytes.len() as u64;
-                (len, check_object(m, *chunk, *r, &bytes, buf).err())
+                // The check's last verdict is on the bytes returned when
+                // it passed; else check those bytes now.
+                let what = match verdict.into_inner() {
+                    Some(Ok(())) => None,
+                    _ => check_object(m, *chunk, *r, &bytes, &mut buf.borrow_mut()).err(),
+                };
+                (bytes.len() as u64, what)
             }
             Err(DestError::NotFound { .. }) => (0, Some("missing".to_owned())),
             Err(e) => return Err(e.into()),

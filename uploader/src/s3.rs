@@ -22,11 +22,20 @@
 //! - Retries: the SDK's standard mode (exponential backoff with full
 //!   jitter, [`MAX_ATTEMPTS`] attempts) for throttling, 5xx and transport
 //!   errors; the upload engine backs off and retries whole objects above
-//!   that. Connect, read and per-attempt timeouts bound a stalled server.
+//!   that. Connect, read and per-attempt timeouts bound a stalled server
+//!   (`timeout=SECONDS` sets the read timeout, the attempt's is 4 times
+//!   that). A put whose answer was lost is retried by the SDK and finds
+//!   its own object: [`DestError::AlreadyExists`], and the writer checks
+//!   what is there ([`crate::restore::SnapshotWriter`] keeps a whole
+//!   object of its chunk). The SDK does not retry a body that breaks off
+//!   after the answer's head: a get reads again ([`MAX_ATTEMPTS`] in all).
 //! - Integrity: every object carries its own crc32c, verified on every
 //!   read, so the SDK's optional transfer checksums are only used where
 //!   the API requires them (several S3-compatible servers reject the
-//!   newer trailer checksums).
+//!   newer trailer checksums). Bytes damaged in transit fail the reader's
+//!   check ([`Destination::get_valid`]): they are read again, with
+//!   backoff, and only bytes that fail every attempt are handed back, for
+//!   the check to report the object damaged.
 
 use std::time::Duration;
 
@@ -51,6 +60,13 @@ pub const PART_BYTES: usize = 8 << 20;
 pub const MAX_ATTEMPTS: u32 = 5;
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Default read timeout, in seconds (`timeout=` in the URL sets it).
+pub const READ_TIMEOUT_S: u32 = 30;
+/// A request's attempt may take this many read timeouts (by default
+/// 120 s: an 8 MiB part at 70 KiB/s).
+pub const ATTEMPT_PER_READ: u32 = 4;
+/// First wait before a get reads an object again (doubled each time).
+const REREAD_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A parsed `s3://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,10 +82,13 @@ pub struct S3Url {
     /// Default: on with an explicit endpoint (most S3-compatible servers,
     /// and any endpoint given by IP address, need it), off for AWS.
     pub path_style: bool,
+    /// `timeout=SECONDS`: the read timeout ([`READ_TIMEOUT_S`] when
+    /// absent); a request's attempt may take [`ATTEMPT_PER_READ`] times it.
+    pub timeout_s: Option<u32>,
 }
 
 impl S3Url {
-    /// Parses `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path-style=B]`.
+    /// Parses `s3://BUCKET[/PREFIX][?endpoint=URL&region=R&path-style=B&timeout=S]`.
     pub fn parse(url: &str) -> Result<S3Url, String> {
         let bad = |why: &str| {
             format!(
@@ -106,6 +125,7 @@ impl S3Url {
             endpoint: None,
             region: None,
             path_style: false,
+            timeout_s: None,
         };
         let mut path_style = None;
         for kv in query.split('&').filter(|s| !s.is_empty()) {
@@ -128,9 +148,13 @@ impl S3Url {
                         _ => return Err(bad("path-style takes true or false")),
                     });
                 }
+                "timeout" => match v.parse::<u32>() {
+                    Ok(s) if (1..=3600).contains(&s) => u.timeout_s = Some(s),
+                    _ => return Err(bad("timeout takes whole seconds from 1 to 3600")),
+                },
                 _ => {
                     return Err(bad(&format!(
-                        "unknown option {k:?} (known: endpoint, region, path-style)"
+                        "unknown option {k:?} (known: endpoint, region, path-style, timeout)"
                     )));
                 }
             }
@@ -237,13 +261,16 @@ impl S3Destination {
                     .with_initial_backoff(Duration::from_millis(200))
                     .with_max_backoff(Duration::from_secs(10)),
             )
-            .timeout_config(
+            .timeout_config({
+                let read = url.timeout_s.unwrap_or(READ_TIMEOUT_S);
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(5))
-                    .read_timeout(Duration::from_secs(30))
-                    .operation_attempt_timeout(Duration::from_secs(120))
-                    .build(),
-            );
+                    .read_timeout(Duration::from_secs(read.into()))
+                    .operation_attempt_timeout(Duration::from_secs(
+                        (read * ATTEMPT_PER_READ).into(),
+                    ))
+                    .build()
+            });
         if let Some(r) = &url.region {
             loader = loader.region(Region::new(r.clone()));
         }
@@ -334,6 +361,52 @@ impl S3Destination {
         DestError::AlreadyExists {
             dest: self.url(),
             key: key.to_owned(),
+        }
+    }
+
+    /// One GET of `full`; a failure comes with whether reading again may
+    /// help (the body broke off: the SDK retried the request, not that).
+    async fn get_once(&self, full: &str, key: &str) -> Result<Vec<u8>, (DestError, bool)> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.url.bucket)
+            .key(full)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if status(&e) == Some(404) => {
+                let e = DestError::NotFound {
+                    dest: self.url(),
+                    key: key.to_owned(),
+                };
+                return Err((e, false));
+            }
+            Err(e) => return Err((self.remote("get", key, &e), false)),
+        };
+        let broken = |why: String| {
+            let e = DestError::Remote {
+                dest: self.url(),
+                op: "read",
+                key: key.to_owned(),
+                why,
+            };
+            (e, true)
+        };
+        let expected = out.content_length();
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| broken(DisplayErrorContext(&e).to_string()))?;
+        let bytes: Vec<u8> = body.into_bytes().into();
+        match expected {
+            Some(n) if u64::try_from(n).ok() != Some(bytes.len() as u64) => Err(broken(format!(
+                "the body has {} bytes, Content-Length said {n}",
+                bytes.len()
+            ))),
+            _ => Ok(bytes),
         }
     }
 
@@ -461,46 +534,30 @@ impl Destination for S3Destination {
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+        self.get_valid(key, &|_| true)
+    }
+
+    /// Reads again what broke off or failed `valid` in transit; see the
+    /// module doc.
+    fn get_valid(&self, key: &str, valid: &dyn Fn(&[u8]) -> bool) -> Result<Vec<u8>, DestError> {
         let full = self.full_key(key)?;
         self.rt.block_on(async {
-            let out = match self
-                .client
-                .get_object()
-                .bucket(&self.url.bucket)
-                .key(&full)
-                .send()
-                .await
-            {
-                Ok(o) => o,
-                Err(e) if status(&e) == Some(404) => {
-                    return Err(DestError::NotFound {
-                        dest: self.url(),
-                        key: key.to_owned(),
-                    });
-                }
-                Err(e) => return Err(self.remote("get", key, &e)),
-            };
-            let expected = out.content_length();
-            let body = out.body.collect().await.map_err(|e| DestError::Remote {
-                dest: self.url(),
-                op: "read",
-                key: key.to_owned(),
-                why: DisplayErrorContext(&e).to_string(),
-            })?;
-            let bytes: Vec<u8> = body.into_bytes().into();
-            match expected {
-                Some(n) if u64::try_from(n).ok() != Some(bytes.len() as u64) => {
-                    Err(DestError::Remote {
-                        dest: self.url(),
-                        op: "read",
-                        key: key.to_owned(),
-                        why: format!(
-                            "the body has {} bytes, Content-Length said {n}",
-                            bytes.len()
-                        ),
-                    })
-                }
-                _ => Ok(bytes),
+            let mut wait = REREAD_BACKOFF;
+            let mut attempt = 1;
+            loop {
+                let last = attempt == MAX_ATTEMPTS;
+                let why = match self.get_once(&full, key).await {
+                    // The last bytes, even refused: the caller's check
+                    // names the damage.
+                    Ok(bytes) if last || valid(&bytes) => return Ok(bytes),
+                    Ok(_) => format!("{}: get {key}: the bytes fail their check", self.url()),
+                    Err((e, transient)) if transient && !last => e.to_string(),
+                    Err((e, _)) => return Err(e),
+                };
+                log::warn!("{why}; reading it again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
             }
         })
     }
@@ -580,6 +637,9 @@ mod tests {
         assert_eq!(u.prefix, "x");
         assert_eq!(u.endpoint.as_deref(), Some("http://h:1"));
         assert!(!u.path_style);
+        assert_eq!(u.timeout_s, None);
+        let u = S3Url::parse("s3://backups?timeout=3&endpoint=http://h:1").unwrap();
+        assert_eq!(u.timeout_s, Some(3));
 
         for bad in [
             "s3://",
@@ -593,6 +653,9 @@ mod tests {
             "s3://bucket?colour=red",
             "s3://bucket?path-style=maybe",
             "s3://bucket?region=%zz",
+            "s3://bucket?timeout=0",
+            "s3://bucket?timeout=1.5",
+            "s3://bucket?timeout=3601",
             "file:///x",
         ] {
             let e = S3Url::parse(bad).unwrap_err();

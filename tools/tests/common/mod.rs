@@ -1,6 +1,6 @@
 //! Helpers for the end-to-end tests: a `foresnap serve` child process that
-//! is stopped on drop, shell commands that must succeed, and checks of the
-//! kernel's ublk state.
+//! is stopped on drop, shell commands that must succeed, checks of the
+//! kernel's ublk state, and S3 servers on 127.0.0.1 ([`Server`]).
 //!
 //! Tests that need ublk are `#[ignore]`d with a reason on a plain
 //! `cargo test`; `scripts/test` runs them inside the VM test bed (or
@@ -9,11 +9,14 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use foresnap_uploader::s3::{S3Credentials, S3Destination, S3Url};
 
 /// The `foresnap` binary under test.
 pub fn foresnap() -> Command {
@@ -310,4 +313,109 @@ pub fn sha256(p: &Path, len: u64) -> String {
     ))
     .trim()
     .to_owned()
+}
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running server, stopped on drop.
+pub struct Server {
+    pub kind: &'static str,
+    dir: tempfile::TempDir,
+    env: HashMap<String, String>,
+}
+
+impl Server {
+    pub fn start(kind: &'static str) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("foresnap-s3-{kind}-"))
+            .tempdir()
+            .unwrap();
+        let script = repo().join("scripts/lib/s3-server");
+        let out = Command::new(&script)
+            .args(["start", kind])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{kind} did not start (run scripts/install-s3-tools first): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(dir.path().join("env")).unwrap();
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches(['\'', '"']).to_owned()))
+            .collect();
+        Server { kind, dir, env }
+    }
+
+    pub fn var(&self, k: &str) -> &str {
+        self.env
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from the server's env file"))
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!(
+            "s3://{}/{prefix}?endpoint={}",
+            self.var("S3_BUCKET"),
+            self.var("S3_ENDPOINT")
+        )
+    }
+
+    pub fn creds(&self) -> S3Credentials {
+        S3Credentials {
+            access_key_id: self.var("AWS_ACCESS_KEY_ID").to_owned(),
+            secret_access_key: self.var("AWS_SECRET_ACCESS_KEY").to_owned(),
+        }
+    }
+
+    pub fn open(&self, prefix: &str) -> S3Destination {
+        S3Destination::open_with(S3Url::parse(&self.url(prefix)).unwrap(), Some(self.creds()))
+            .unwrap_or_else(|e| panic!("{}: {e}", self.kind))
+    }
+
+    /// `foresnap ARGS` with this server's credentials in its environment
+    /// (as a user's shell would have them) and nothing else of AWS's.
+    pub fn foresnap(&self) -> Command {
+        let mut c = foresnap();
+        for k in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"] {
+            c.env_remove(k);
+        }
+        c.env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", self.var("AWS_ACCESS_KEY_ID"))
+            .env("AWS_SECRET_ACCESS_KEY", self.var("AWS_SECRET_ACCESS_KEY"));
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/lib/s3-server"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Reproducible incompressible bytes.
+pub fn pattern(len: u64, seed: u64) -> Vec<u8> {
+    // xorshift: incompressible, reproducible.
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24).to_le_bytes()[0]
+        })
+        .collect()
 }
