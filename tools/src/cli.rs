@@ -81,6 +81,18 @@ pub enum Command {
         foresnap tier --fast file:///fast --slow file:///mnt/nfs --volume db --age 12h --watch 15m\n  \
         foresnap tier --fast file:///fast --slow file:///mnt/nfs --volume db --age 0s")]
     Tier(TierArgs),
+    /// Apply a retention policy to a volume's snapshots: keep the newest,
+    /// the --keep-last N newest and the newest of each of the last N
+    /// hours, days and weeks that have snapshots (UTC, by close time;
+    /// weeks from Monday); delete the others with every object no kept
+    /// snapshot needs. Each --dest is pruned on its own. Objects of an
+    /// upload in progress are never deleted, and a prune cut short is
+    /// finished by the next run.
+    #[command(after_help = "Examples:\n  \
+        foresnap prune --dest file:///backup --volume db --keep-last 7\n  \
+        foresnap prune --dest s3://backups/prod --volume db --keep-hourly 24 --keep-daily 7 --keep-weekly 8\n  \
+        foresnap prune --dest file:///backup --dest s3://backups/prod --volume db --keep-daily 30 --dry-run")]
+    Prune(PruneArgs),
     /// Upload the snapshots of a volume that is not being served: close
     /// its open epoch (a snapshot of the backing as it is now) and upload
     /// every snapshot awaiting upload, then exit. Like `serve`, it relies
@@ -276,6 +288,35 @@ pub struct TierArgs {
     /// SIGTERM [default: run once].
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval_arg)]
     pub watch: Option<std::time::Duration>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("rules").required(true).multiple(true)))]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub from: DestArgs,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
+    pub keep_weekly: Option<u32>,
+    /// Tell what would be kept and deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn parse_keep(s: &str) -> Result<u32, String> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("invalid count '{s}': give a number of snapshots, 1 or more"))
 }
 
 #[derive(Debug, clap::Args)]

@@ -2,6 +2,7 @@
 
 mod cli;
 mod control;
+mod prune;
 mod serve;
 mod simulate;
 mod tier;
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         cli::Command::Restore(args) => upload::restore(args),
         cli::Command::Verify(args) => upload::verify(args),
         cli::Command::Tier(args) => tier::run(args),
+        cli::Command::Prune(args) => prune::run(args),
         cli::Command::Backup(args) => upload::backup(args),
         cli::Command::Simulate(args) => simulate::run(args),
     };

@@ -46,7 +46,7 @@ pub fn open_dest(url: &str) -> anyhow::Result<Arc<dyn Destination>> {
 
 /// Opens each of `urls` (all of them now: a bad URL or unreachable store
 /// fails before anything runs).
-fn open_all(urls: &[String]) -> anyhow::Result<Vec<Arc<dyn Destination>>> {
+pub fn open_all(urls: &[String]) -> anyhow::Result<Vec<Arc<dyn Destination>>> {
     let mut seen = std::collections::BTreeSet::new();
     urls.iter()
         .map(|u| {

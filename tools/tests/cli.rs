@@ -441,24 +441,7 @@ fn alternating_backups_are_each_complete_at_their_destination() {
     );
     for (id, d) in [("1", &a), ("2", &b), ("3", &a)] {
         let to = dir.path().join(format!("r{id}"));
-        common::run(
-            foresnap()
-                .args([
-                    "restore",
-                    "--volume",
-                    "v",
-                    "--snapshot",
-                    id,
-                    "--dest",
-                    d,
-                    "--to",
-                ])
-                .arg(&to),
-        );
-        assert!(
-            std::fs::read(&to).unwrap() == image,
-            "snapshot {id} from {d}"
-        );
+        assert!(restored(d, id, &to) == image, "snapshot {id} from {d}");
     }
     let e = one_line_error(&[
         "backup",
@@ -527,16 +510,7 @@ fn tier_moves_old_snapshots_to_the_slow_destination() {
     );
     for (id, d) in [("1", &slow), ("2", &fast)] {
         let to = dir.path().join(format!("r{id}"));
-        common::run(
-            foresnap()
-                .args(["restore", "--volume", "v", "--snapshot", id, "--dest", d])
-                .arg("--to")
-                .arg(&to),
-        );
-        assert!(
-            std::fs::read(&to).unwrap() == image,
-            "snapshot {id} from {d}"
-        );
+        assert!(restored(d, id, &to) == image, "snapshot {id} from {d}");
     }
 
     // --watch: a round, then the wait, ended by SIGTERM with success.
@@ -609,6 +583,13 @@ fn backup_to(vol: &std::path::Path, dests: &[&str], policy: &str) -> String {
     common::run(c.arg("--backing").arg(vol))
 }
 
+/// Snapshot `id` of volume `v` restored from `dest` alone to `to`: its bytes.
+fn restored(dest: &str, id: &str, to: &std::path::Path) -> Vec<u8> {
+    let args = ["restore", "--volume", "v", "--snapshot", id, "--dest", dest];
+    common::run(foresnap().args(args).arg("--to").arg(to));
+    std::fs::read(to).unwrap()
+}
+
 /// The files under `dir`, sorted.
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -622,4 +603,157 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+/// Snapshots 1..=5 of volume `v` (3 chunks of 1 MiB) in directory `root`,
+/// closed `hours` after 2024-01-01 00:00 UTC: 1 full, each later one
+/// storing chunk `(n - 1) % 3` anew. Returns the images.
+fn snapshots_at(root: &std::path::Path, hours: &[u64]) -> Vec<Vec<u8>> {
+    use foresnap_uploader::format::{Codec, Keys, Manifest};
+    use foresnap_uploader::restore::SnapshotWriter;
+    const MIB: usize = 1 << 20;
+    let dest = foresnap_uploader::DirDestination::open(root).unwrap();
+    let keys = Keys::new("v").unwrap();
+    let base = Manifest {
+        volume_id: [3; 16],
+        snapshot: 0,
+        parent: 0,
+        closed_ms: 0,
+        volume_bytes: 3 << 20,
+        block_bytes: 4096,
+        chunk_bytes: 1 << 20,
+        chunks: Vec::new(),
+    };
+    let mut image: Vec<u8> = (0..3 * MIB).map(|i| (i % 253).to_le_bytes()[0]).collect();
+    let (mut images, mut parent) = (Vec::new(), None);
+    for (n, h) in (1u32..).zip(hours) {
+        let closed = 1_704_067_200_000 + h * 3_600_000;
+        let w = SnapshotWriter::new(&dest, &keys, &base, parent.as_ref(), n, closed, Codec::None);
+        let chunks = if n == 1 {
+            0..3
+        } else {
+            (n as usize - 1) % 3..(n as usize - 1) % 3 + 1
+        };
+        for c in chunks {
+            let chunk = &mut image[c * MIB..(c + 1) * MIB];
+            chunk
+                .iter_mut()
+                .for_each(|x| *x = x.wrapping_mul(3).wrapping_add(n.to_le_bytes()[0]));
+            w.put_chunk(c as u64, chunk).unwrap();
+        }
+        parent = Some(w.commit().unwrap());
+        images.push(image.clone());
+    }
+    images
+}
+
+/// `prune --keep-last 1 --keep-daily 2` over snapshots on three days: the
+/// dry run says what goes and changes nothing; the run drops 1, 2, 3 and
+/// the three objects only they needed, at each --dest on its own; 4 and
+/// 5 restore bit-exact. Bad input is one line.
+#[test]
+fn prune_keeps_what_the_rules_say_and_the_rest_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = snapshots_at(&dir.path().join("a"), &[1, 2, 26, 27, 50]);
+    let a = format!("file://{}", dir.path().join("a").display());
+    let b = format!("file://{}", dir.path().join("b").display());
+    let prune = |dests: &[&str], extra: &[&str]| {
+        let mut c = foresnap();
+        c.args(["prune", "--volume", "v"])
+            .args(["--keep-last", "1", "--keep-daily", "2"]);
+        for d in dests {
+            c.args(["--dest", d]);
+        }
+        common::run(c.args(extra))
+    };
+    let files = || -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        walk(&dir.path().join("a/v"))
+            .into_iter()
+            .map(|p| {
+                let b = std::fs::read(&p).unwrap();
+                (p, b)
+            })
+            .collect()
+    };
+    let before = files();
+    let text = prune(&[&a], &["--dry-run"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    assert_eq!(
+        lines[0],
+        "snapshot 1  closed 2024-01-01 01:00:00 UTC  to drop"
+    );
+    assert_eq!(
+        lines[3],
+        "snapshot 4  closed 2024-01-02 03:00:00 UTC  kept (daily)"
+    );
+    assert_eq!(
+        lines[4],
+        "snapshot 5  closed 2024-01-03 02:00:00 UTC  kept (newest, last, daily)"
+    );
+    assert_eq!(
+        lines[5],
+        format!(
+            "volume v at {a}: 2 snapshots kept, 3 to drop, 3 objects to delete (dry run: nothing was deleted)"
+        )
+    );
+    assert!(files() == before, "a dry run changed something");
+
+    let text = prune(&[&a, &b], &[]);
+    assert!(
+        text.contains("snapshot 2  closed 2024-01-01 02:00:00 UTC  dropped"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "volume v at {a}: 2 snapshots kept, 3 dropped, 3 objects deleted\n"
+        )) && text.ends_with(&format!(
+            "volume v at {b}: 0 snapshots kept, 0 dropped, 0 objects deleted\n"
+        )),
+        "{text}"
+    );
+    assert_eq!(files().len(), before.len() - 6, "3 manifests and 3 objects");
+    let listed = common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a]));
+    let ids: Vec<&str> = listed
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(ids, ["4", "5"], "{listed}");
+    for id in [4, 5] {
+        let to = dir.path().join(format!("r{id}"));
+        assert!(
+            restored(&a, &id.to_string(), &to) == images[id - 1],
+            "snapshot {id}"
+        );
+    }
+
+    let e = one_line_error(&["prune", "--dest", &a, "--volume", "v"]);
+    assert!(
+        e.contains("--keep-last") && e.contains("--keep-weekly"),
+        "{e}"
+    );
+    let e = one_line_error(&["prune", "--dest", &a, "--volume", "v", "--keep-daily", "0"]);
+    assert!(e.contains("invalid count '0'"), "{e}");
+    let e = one_line_error(&[
+        "prune",
+        "--dest",
+        "file://rel",
+        "--volume",
+        "v",
+        "--keep-last",
+        "1",
+    ]);
+    assert!(e.contains("absolute path"), "{e}");
+    std::fs::create_dir_all(dir.path().join("a/v/tiering")).unwrap();
+    std::fs::write(dir.path().join("a/v/tiering/0000000004"), "x").unwrap();
+    let e = one_line_error(&["prune", "--dest", &a, "--volume", "v", "--keep-last", "1"]);
+    assert!(
+        e.contains("foresnap tier") && e.contains("nothing was pruned"),
+        "{e}"
+    );
+    assert_eq!(
+        files().len(),
+        before.len() - 5,
+        "only the tiering journal was added"
+    );
 }

@@ -676,6 +676,18 @@ impl Keys {
         format!("{}/tiering/{snapshot:010}", self.prefix)
     }
 
+    /// Where the journals of prunes are (a listing prefix;
+    /// [`crate::retention`]).
+    pub fn retention(&self) -> String {
+        format!("{}/retention/", self.prefix)
+    }
+
+    /// The key of the journal of a prune run when `newest` was the newest
+    /// snapshot.
+    pub fn retention_journal(&self, newest: u32) -> String {
+        format!("{}/retention/{newest:010}", self.prefix)
+    }
+
     /// The key of an object: sorted by chunk, then snapshot; a part's key
     /// carries its part number (`.../0000000012.p0000000007.delta`).
     pub fn object(&self, chunk: u64, r: ObjectRef) -> String {

@@ -13,8 +13,10 @@ pub mod dest;
 pub mod engine;
 pub mod format;
 pub mod link;
+mod live;
 pub mod plan;
 pub mod restore;
+pub mod retention;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod schedule;

@@ -71,6 +71,10 @@ use std::time::Duration;
 
 use crate::dest::{DestError, Destination, check_key};
 use crate::format::{Keys, Manifest, ObjectRef};
+use crate::live::{
+    LiveError, LiveIndex, Stored, decode_manifest, journal_header, journal_id, object_keys, seal,
+    unseal,
+};
 use crate::restore::decode_named;
 
 /// First word of a journal.
@@ -158,87 +162,23 @@ impl TierError {
     }
 }
 
-/// A manifest as stored, and decoded.
-#[derive(Debug, Clone)]
-struct Stored {
-    bytes: Vec<u8>,
-    manifest: Manifest,
-}
-
-/// Decodes a manifest that must be snapshot `id`'s.
-fn decode_manifest(bytes: &[u8], id: u32) -> Result<Manifest, String> {
-    let m = Manifest::decode(bytes).map_err(|e| e.to_string())?;
-    if m.snapshot != id {
-        return Err(format!("the manifest names snapshot {}", m.snapshot));
-    }
-    Ok(m)
-}
-
-/// The keys of the objects `m` references.
-fn object_keys(keys: &Keys, m: &Manifest) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (c, refs) in m.chunks.iter().enumerate() {
-        out.extend(refs.iter().map(|&r| keys.object(c as u64, r)));
-    }
-    out
-}
-
-/// The manifests at the fast destination, each read once per run.
-#[derive(Debug)]
-struct FastIndex<'a> {
-    dest: &'a dyn Destination,
-    keys: &'a Keys,
-    read: BTreeMap<u32, Stored>,
-}
-
-impl<'a> FastIndex<'a> {
-    fn new(dest: &'a dyn Destination, keys: &'a Keys) -> Self {
-        FastIndex {
-            dest,
-            keys,
-            read: BTreeMap::new(),
+impl From<LiveError> for TierError {
+    fn from(e: LiveError) -> Self {
+        match e {
+            LiveError::Dest(e) => TierError::Dest(e),
+            LiveError::Damaged { dest, key, why } => TierError::Damaged { dest, key, why },
         }
     }
+}
 
-    /// The snapshots listed now, ascending.
-    fn ids(&self) -> Result<Vec<u32>, TierError> {
-        Ok(self
-            .keys
-            .snapshot_ids(&self.dest.list(&self.keys.manifests())?))
-    }
-
-    /// Snapshot `id`'s manifest, verified.
-    fn get(&mut self, id: u32) -> Result<&Stored, TierError> {
-        if !self.read.contains_key(&id) {
-            let key = self.keys.manifest(id);
-            let bytes = self
-                .dest
-                .get_valid(&key, &|b| decode_manifest(b, id).is_ok())?;
-            let manifest = decode_manifest(&bytes, id).map_err(|why| TierError::Damaged {
-                dest: self.dest.url(),
-                key,
-                why,
-            })?;
-            self.read.insert(id, Stored { bytes, manifest });
-        }
-        Ok(&self.read[&id])
-    }
-
-    /// The objects referenced by the manifests listed now, but `except`'s.
-    fn referenced_except(&mut self, except: u32) -> Result<BTreeSet<String>, TierError> {
-        let mut out = BTreeSet::new();
-        for id in self.ids()? {
-            if id != except {
-                let keys = self.keys;
-                out.extend(object_keys(keys, &self.get(id)?.manifest));
-            }
-        }
-        Ok(out)
-    }
-
-    fn forget(&mut self, id: u32) {
-        self.read.remove(&id);
-    }
+/// The objects the manifests at the fast destination listed now
+/// reference, but `except`'s.
+fn referenced_except(
+    index: &mut LiveIndex<'_>,
+    except: u32,
+) -> Result<BTreeSet<String>, TierError> {
+    let ids = index.ids()?;
+    Ok(index.referenced(ids.into_iter().filter(|&id| id != except))?)
 }
 
 /// Stores `bytes` under `key` at `dest`; the same bytes there already count
@@ -269,17 +209,13 @@ fn put_same(
 /// The journal of snapshot `snapshot`'s move to `to`: the objects to
 /// delete at the fast destination (module doc).
 fn encode_journal(snapshot: u32, to: &str, doomed: &BTreeSet<String>) -> Vec<u8> {
-    let mut text = format!(
-        "{JOURNAL_MAGIC} {JOURNAL_VERSION} {snapshot:010}\nto {}\n",
-        to.replace(['\n', '\r'], " ")
-    );
+    let mut text = journal_header(JOURNAL_MAGIC, JOURNAL_VERSION, snapshot);
+    text.push_str(&format!("to {}\n", to.replace(['\n', '\r'], " ")));
     for key in doomed {
         text.push_str(key);
         text.push('\n');
     }
-    let crc = crc32c::crc32c(text.as_bytes());
-    text.push_str(&format!("crc32c {crc:08x}\n"));
-    text.into_bytes()
+    seal(text)
 }
 
 /// A decoded journal.
@@ -294,34 +230,8 @@ struct Journal {
 /// Decodes and checks the journal of snapshot `snapshot`: every key it
 /// names must be an object key of the volume.
 fn decode_journal(bytes: &[u8], keys: &Keys, snapshot: u32) -> Result<Journal, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_owned())?;
-    let lines = text
-        .strip_suffix('\n')
-        .ok_or_else(|| "truncated (no final newline)".to_owned())?;
-    let (body, last) = match lines.rfind('\n') {
-        Some(i) => (&text[..=i], &lines[i + 1..]),
-        None => ("", lines),
-    };
-    let crc = last
-        .strip_prefix("crc32c ")
-        .filter(|h| {
-            h.len() == 8
-                && h.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        })
-        .and_then(|h| u32::from_str_radix(h, 16).ok())
-        .ok_or_else(|| "truncated (no checksum line)".to_owned())?;
-    if crc != crc32c::crc32c(body.as_bytes()) {
-        return Err("corrupt: checksum mismatch".into());
-    }
-    let mut lines = body.strip_suffix('\n').unwrap_or(body).split('\n');
-    let header = lines.next().unwrap_or("");
-    let want = format!("{JOURNAL_MAGIC} {JOURNAL_VERSION} {snapshot:010}");
-    if header != want {
-        return Err(format!(
-            "its first line is {header:?}, not {want:?} (another format version, or another snapshot's journal)"
-        ));
-    }
+    let header = journal_header(JOURNAL_MAGIC, JOURNAL_VERSION, snapshot);
+    let mut lines = unseal(bytes, &header)?.into_iter();
     let to = lines
         .next()
         .and_then(|l| l.strip_prefix("to "))
@@ -341,14 +251,6 @@ fn decode_journal(bytes: &[u8], keys: &Keys, snapshot: u32) -> Result<Journal, S
     Ok(Journal { to, doomed })
 }
 
-/// The snapshot a journal key names.
-fn journal_snapshot(keys: &Keys, key: &str) -> Option<u32> {
-    let id = key.strip_prefix(&keys.tiering())?;
-    (id.len() == 10 && id.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| id.parse().ok())
-        .flatten()
-}
-
 /// One run of the `tier` policy (module doc): finishes the moves an
 /// earlier run left journaled at `fast`, then moves to `slow` every
 /// snapshot of `keys`' volume at `fast` closed at least `min_age` before
@@ -366,7 +268,7 @@ pub fn tier_once(
         return Err(TierError::SameDestination { url: fast.url() });
     }
     let mut report = TierReport::default();
-    let mut index = FastIndex::new(fast, keys);
+    let mut index = LiveIndex::new(fast, keys);
     // What the slow destination holds: listed once, when first needed, and
     // kept up to date with what this run stores there.
     let mut at_slow: Option<BTreeSet<String>> = None;
@@ -442,7 +344,7 @@ fn slow_volume_id(slow: &dyn Destination, keys: &Keys) -> Result<Option<[u8; 16]
 /// Moves snapshot `stored` from the fast destination to `slow`: copy,
 /// journal, delete (module doc).
 fn move_one(
-    index: &mut FastIndex<'_>,
+    index: &mut LiveIndex<'_>,
     slow: &dyn Destination,
     stored: &Stored,
     at_slow: &mut BTreeSet<String>,
@@ -487,7 +389,7 @@ fn move_one(
     ));
 
     // 2. Journal: what no other manifest at the fast destination needs.
-    let others = index.referenced_except(id)?;
+    let others = referenced_except(index, id)?;
     let doomed: BTreeSet<String> = object_keys(keys, m).difference(&others).cloned().collect();
     let jkey = keys.tiering_journal(id);
     put_same(fast, &jkey, &encode_journal(id, &slow.url(), &doomed), fast)?;
@@ -553,7 +455,7 @@ fn finish_move(
 /// once the slow destination is checked to hold its snapshot whole
 /// (module doc).
 fn finish_journals(
-    index: &mut FastIndex<'_>,
+    index: &mut LiveIndex<'_>,
     slow: &dyn Destination,
     at_slow: &mut Option<BTreeSet<String>>,
     report: &mut TierReport,
@@ -566,7 +468,7 @@ fn finish_journals(
             key: jkey.clone(),
             why,
         };
-        let id = journal_snapshot(keys, &jkey)
+        let id = journal_id(&keys.tiering(), &jkey)
             .ok_or_else(|| unfinishable("not a journal key of this volume".into()))?;
         let journal = decode_journal(&fast.get(&jkey)?, keys, id).map_err(unfinishable)?;
         let mkey = keys.manifest(id);
@@ -601,7 +503,7 @@ fn finish_journals(
             Some(s) => s,
             None => at_slow.insert(slow.list(&keys.objects())?.into_iter().collect()),
         };
-        let keep = index.referenced_except(id)?;
+        let keep = referenced_except(index, id)?;
         let deleted = finish_move(
             fast,
             keys,
@@ -630,18 +532,15 @@ mod tests {
     use super::*;
     use crate::dest::DirDestination;
     use crate::format::{Codec, ObjectKind};
-    use crate::restore::{SnapshotWriter, list_snapshots, read_manifest, restore_image};
+    use crate::live::testing::{Crashing, assert_restores, contents, keys, objects_at};
+    use crate::restore::{SnapshotWriter, list_snapshots};
     use std::path::Path;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicI64;
 
     const MIB: usize = 1 << 20;
     const BS: usize = 4096;
     const AGE: Duration = Duration::from_secs(1);
-
-    fn keys() -> Keys {
-        Keys::new("vol").unwrap()
-    }
 
     fn obj(chunk: u64, snapshot: u32, kind: ObjectKind) -> String {
         keys().object(chunk, ObjectRef::own(snapshot, kind))
@@ -698,38 +597,6 @@ mod tests {
         let m3 = w.commit().unwrap();
         images.push(image);
         (vec![m1, m2, m3], images)
-    }
-
-    /// The object keys at `d`.
-    fn objects_at(d: &dyn Destination) -> BTreeSet<String> {
-        d.list(&keys().objects()).unwrap().into_iter().collect()
-    }
-
-    /// Every key at `d` with its bytes.
-    fn contents(d: &dyn Destination) -> BTreeMap<String, Vec<u8>> {
-        d.list("")
-            .unwrap()
-            .into_iter()
-            .map(|k| {
-                let b = d.get(&k).unwrap();
-                (k, b)
-            })
-            .collect()
-    }
-
-    /// Restores snapshot `id` from `d` alone and compares it with `want`.
-    fn assert_restores(d: &dyn Destination, id: u32, want: &[u8], scratch: &Path) {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let m = read_manifest(d, &keys(), id).unwrap();
-        let out = scratch.join(format!("r{id}-{}", N.fetch_add(1, Ordering::Relaxed)));
-        restore_image(d, &keys(), &m, &out, 2, |_, _| {})
-            .unwrap_or_else(|e| panic!("snapshot {id} at {}: {e}", d.url()));
-        assert!(
-            std::fs::read(&out).unwrap() == want,
-            "snapshot {id} at {} differs",
-            d.url()
-        );
-        std::fs::remove_file(&out).unwrap();
     }
 
     /// Replaces the file of `key` under `root` with `bytes`.
@@ -819,61 +686,6 @@ mod tests {
         assert_restores(&fast, 3, &images[2], dir.path());
     }
 
-    /// A destination that performs `budget` puts and deletes (shared with
-    /// another) and then crashes: that operation and every later one fail.
-    #[derive(Debug)]
-    struct Crashing {
-        inner: DirDestination,
-        budget: Arc<AtomicI64>,
-    }
-
-    impl Crashing {
-        fn crashed(&self, op: &'static str, key: &str) -> DestError {
-            DestError::Remote {
-                dest: self.inner.url(),
-                op,
-                key: key.to_owned(),
-                why: "crashed".into(),
-            }
-        }
-        fn mutate(&self, op: &'static str, key: &str) -> Result<(), DestError> {
-            if self.budget.fetch_sub(1, Ordering::SeqCst) > 0 {
-                Ok(())
-            } else {
-                Err(self.crashed(op, key))
-            }
-        }
-        fn read(&self, op: &'static str, key: &str) -> Result<(), DestError> {
-            if self.budget.load(Ordering::SeqCst) >= 0 {
-                Ok(())
-            } else {
-                Err(self.crashed(op, key))
-            }
-        }
-    }
-
-    impl Destination for Crashing {
-        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
-            self.mutate("put", key)?;
-            self.inner.put(key, bytes)
-        }
-        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
-            self.read("get", key)?;
-            self.inner.get(key)
-        }
-        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
-            self.read("list", prefix)?;
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> Result<(), DestError> {
-            self.mutate("delete", key)?;
-            self.inner.delete(key)
-        }
-        fn url(&self) -> String {
-            self.inner.url()
-        }
-    }
-
     /// A run that crashes after each of its puts and deletes in turn:
     /// at the crash every snapshot is listed somewhere and every listed
     /// snapshot restores bit-exact where it is listed; the next run
@@ -921,7 +733,7 @@ mod tests {
                 .list(&keys().tiering())
                 .unwrap()
                 .iter()
-                .filter_map(|k| journal_snapshot(&keys(), k))
+                .filter_map(|k| journal_id(&keys().tiering(), k))
                 .collect();
 
             let r = tier_once(&fast, &slow, &keys(), AGE, 3000, |_| {}).unwrap();
@@ -1155,9 +967,8 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            journal_snapshot(&keys(), &keys().tiering_journal(4)),
+            journal_id(&keys().tiering(), &keys().tiering_journal(4)),
             Some(4)
         );
-        assert_eq!(journal_snapshot(&keys(), "vol/tiering/4"), None);
     }
 }
