@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh};
+use common::{
+    Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh, wait_listed,
+};
 
 /// Where each trial's crash lands, in turn.
 const PHASES: [&str; 6] = ["writes", "close", "cow", "object", "manifest", "ack"];
@@ -96,38 +98,16 @@ fn open_epoch(sock: &Path) -> u32 {
         .unwrap_or_else(|| panic!("no open epoch in {out}"))
 }
 
-/// Waits until the destination holds snapshot `id` complete.
-fn wait_uploaded(dest: &str, id: u32) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let out = foresnap()
-            .args(["snapshots", "--dest", dest, "--volume", VOLUME])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text
-            .lines()
-            .any(|l| l.starts_with(&format!("snapshot {id} ")))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "snapshot {id} not uploaded in 180 s: {text}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Restores snapshot `id` and compares it with `image`; the bytes that
-/// differ (0 when exact).
-fn restore_diff(dir: &Path, dest: &str, id: u32, image: &Path) -> u64 {
+/// Restores snapshot `id` from `dest` (`env`: its credentials) and
+/// compares it with `image`; the bytes that differ (0 when exact).
+fn restore_diff(dir: &Path, dest: &str, id: u32, image: &Path, env: &[(&str, &str)]) -> u64 {
     let out = dir.join(format!("restored{id}"));
     run(foresnap()
         .args(["restore", "--dest", dest, "--volume", VOLUME, "--snapshot"])
         .arg(id.to_string())
         .arg("--out")
-        .arg(&out));
+        .arg(&out)
+        .envs(env.iter().copied()));
     // cmp, not a loop here: this binary is a debug build, under emulation.
     let (a, b) = (out.display(), image.display());
     let diff = sh(&format!(
@@ -273,17 +253,8 @@ fn crash_matrix_loses_no_snapshot() {
         let writer = (!dead).then(|| fio(&dev, next(&mut rng)));
         let how = if dead {
             phase
-        } else if phase == "writes" {
-            std::thread::sleep(Duration::from_millis(200 + next(&mut rng) % 1800));
-            daemon.kill9();
-            "writes"
-        } else if daemon.wait_exit(Duration::from_secs(20)).is_some() {
-            phase
         } else {
-            // The point was not reached this time (say, an upload that
-            // finished before any write touched its blocks): a plain kill.
-            daemon.kill9();
-            "writes-unreached"
+            let_it_die(daemon, phase, 200, &mut rng)
         };
         *crashes.entry(how).or_default() += 1;
         // Armed for the next trial, gate closed: the resumed upload does
@@ -302,11 +273,11 @@ fn crash_matrix_loses_no_snapshot() {
             images.insert(before, keep(before));
         }
         let newest = *images.keys().next_back().expect("a snapshot");
-        wait_uploaded(dest, newest);
+        wait_listed(dest, VOLUME, newest, &[]);
         // Each trial restores the snapshots it closed (the older ones are
         // checked by their own trials; the last check covers the chain).
         for (&id, image) in images.range(before..) {
-            let diff = restore_diff(d, dest, id, image);
+            let diff = restore_diff(d, dest, id, image, &[]);
             lost += diff;
             verified += 1;
             assert_eq!(diff, 0, "trial {trial} ({how}): snapshot {id} differs");
@@ -319,9 +290,9 @@ fn crash_matrix_loses_no_snapshot() {
     let last = try_snapshot(sock).expect("final snapshot");
     sh(&format!("cp {} {}", img.display(), keep(last).display()));
     images.insert(last, keep(last));
-    wait_uploaded(dest, last);
+    wait_listed(dest, VOLUME, last, &[]);
     for (&id, image) in &images {
-        let diff = restore_diff(d, dest, id, image);
+        let diff = restore_diff(d, dest, id, image, &[]);
         lost += diff;
         verified += 1;
         assert_eq!(diff, 0, "snapshot {id} differs after all trials");
@@ -335,6 +306,24 @@ fn crash_matrix_loses_no_snapshot() {
         kinds.join(","),
         images.len()
     );
+}
+
+/// Ends a trial's daemon while the writes go on: a `kill -9` from outside
+/// at least `min_ms` (and under 2 s more) into them in the `writes` phase,
+/// else its armed point within 20 s, else, if the point was not reached
+/// this time (say, an upload that finished before any write touched its
+/// blocks), a plain kill. What happened.
+fn let_it_die(mut daemon: Daemon, phase: &'static str, min_ms: u64, rng: &mut u64) -> &'static str {
+    if phase == "writes" {
+        std::thread::sleep(Duration::from_millis(min_ms + next(rng) % 1800));
+        daemon.kill9();
+        "writes"
+    } else if daemon.wait_exit(Duration::from_secs(20)).is_some() {
+        phase
+    } else {
+        daemon.kill9();
+        "writes-unreached"
+    }
 }
 
 /// Where the ext4 trials' crashes land, in turn.
@@ -395,16 +384,7 @@ fn ext4_survives_kills_and_every_snapshot_checks_clean() {
             ))
             .spawn()
             .unwrap();
-        let how = if phase == "writes" {
-            std::thread::sleep(Duration::from_millis(300 + next(&mut rng) % 1500));
-            daemon.kill9();
-            "writes"
-        } else if daemon.wait_exit(Duration::from_secs(20)).is_some() {
-            phase
-        } else {
-            daemon.kill9();
-            "writes-unreached"
-        };
+        let how = let_it_die(daemon, phase, 300, &mut rng);
         *crashes.entry(how).or_default() += 1;
         daemon = bed.start_armed(phase_of(trial + 1), &mut rng);
         assert_eq!(daemon.dev.display().to_string(), dev, "not re-attached");
@@ -415,7 +395,7 @@ fn ext4_survives_kills_and_every_snapshot_checks_clean() {
             d.join("sums").display()
         ));
         assert!(check.contains("FILES-OK"), "trial {trial} ({how}): {check}");
-        wait_uploaded(&bed.dest, n);
+        wait_listed(&bed.dest, VOLUME, n, &[]);
         eprintln!("trial {trial}: {how}: files intact, snapshot {n} uploaded");
     }
     sh(&format!("umount {m}"));
@@ -483,6 +463,22 @@ struct LocalS3 {
 }
 
 const S3_KEY: (&str, &str) = ("foresnap-test", "foresnap-test-secret");
+/// What a client of [`LocalS3`] needs in its environment.
+const S3_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", S3_KEY.0),
+    ("AWS_SECRET_ACCESS_KEY", S3_KEY.1),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// A loopback port free now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 impl LocalS3 {
     fn start(data: &Path, port: u16) -> LocalS3 {
@@ -571,20 +567,11 @@ fn destination_loss_backs_off_and_loses_nothing() {
     let down = Duration::from_secs(env_or("FORESNAP_LOSS_SECS", 30));
     let dir = scratch();
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut s3 = LocalS3::start(&d.join("s3"), port);
     let (img, sock) = (d.join("vol.img"), d.join("ctl.sock"));
     let (s3_url, dir_url) = (s3.url(), format!("file://{}", d.join("dir").display()));
-    let env = [
-        ("AWS_ACCESS_KEY_ID", S3_KEY.0),
-        ("AWS_SECRET_ACCESS_KEY", S3_KEY.1),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let env = S3_ENV;
     let daemon = Daemon::start_env(
         &[
             "--backing",
@@ -620,7 +607,7 @@ fn destination_loss_backs_off_and_loses_nothing() {
     let before = timed_fio(&dev, 1);
     let first = close(&mut images);
     for dest in [&s3_url, &dir_url] {
-        wait_uploaded_env(dest, first, &env);
+        wait_listed(dest, VOLUME, first, &env);
     }
 
     s3.kill();
@@ -641,7 +628,7 @@ fn destination_loss_backs_off_and_loses_nothing() {
     eprintln!("server back after {:.0} s", lost_at.elapsed().as_secs_f64());
     let s3 = LocalS3::start(&s3.data, s3.port);
     for dest in [&s3_url, &dir_url] {
-        wait_uploaded_env(dest, third, &env);
+        wait_listed(dest, VOLUME, third, &env);
     }
     let status = wait_status(&sock, "upload            ok", Duration::from_secs(30));
     eprintln!("after: {status}");
@@ -649,19 +636,7 @@ fn destination_loss_backs_off_and_loses_nothing() {
     let mut lost = 0;
     for dest in [&s3_url, &dir_url] {
         for (&id, image) in &images {
-            let out = d.join(format!("restored{id}"));
-            run(foresnap()
-                .args(["restore", "--dest", dest, "--volume", VOLUME, "--snapshot"])
-                .arg(id.to_string())
-                .arg("--out")
-                .arg(&out)
-                .envs(env));
-            let diff = sh(&format!(
-                "cmp -l {o} {i} 2>/dev/null | wc -l; rm {o}",
-                o = out.display(),
-                i = image.display()
-            ));
-            let diff: u64 = diff.trim().parse().unwrap();
+            let diff = restore_diff(d, dest, id, image, &env);
             assert_eq!(diff, 0, "snapshot {id} at {dest} differs");
             lost += diff;
             verified += 1;
@@ -676,31 +651,6 @@ fn destination_loss_backs_off_and_loses_nothing() {
         down.as_secs_f64(),
         images.len()
     );
-}
-
-/// [`wait_uploaded`] with the S3 credentials in the environment.
-fn wait_uploaded_env(dest: &str, id: u32, env: &[(&str, &str)]) {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let out = foresnap()
-            .args(["snapshots", "--dest", dest, "--volume", VOLUME])
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text
-            .lines()
-            .any(|l| l.starts_with(&format!("snapshot {id} ")))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "snapshot {id} not complete at {dest} in 240 s: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 /// Waits for `status` to have a line containing `needle`; that line.
@@ -753,11 +703,7 @@ fn soak_with_faults_and_a_mirror() {
     let faults: f64 = env_or("FORESNAP_SOAK_FAULTS", 0.1);
     let dir = scratch();
     let d = dir.path();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let s3 = LocalS3::start(&d.join("s3"), port);
     let proxy_bin =
         Path::new(env!("CARGO_BIN_EXE_foresnap")).with_file_name("foresnap-fault-proxy");
@@ -791,12 +737,7 @@ fn soak_with_faults_and_a_mirror() {
     let via_proxy = format!("s3://foresnap/loss?endpoint={proxied}&timeout=2");
     let (img, sock) = (d.join("vol.img"), d.join("ctl.sock"));
     let dir_url = format!("file://{}", d.join("dir").display());
-    let env = [
-        ("AWS_ACCESS_KEY_ID", S3_KEY.0),
-        ("AWS_SECRET_ACCESS_KEY", S3_KEY.1),
-        ("AWS_REGION", "us-east-1"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-    ];
+    let env = S3_ENV;
     let daemon = Daemon::start_env(
         &[
             "--backing",
@@ -841,7 +782,7 @@ fn soak_with_faults_and_a_mirror() {
     // Through the proxy: its faults meet the reads too (truncated and
     // flipped bodies are only injected into object reads).
     for dest in [&via_proxy, &dir_url] {
-        wait_uploaded_env(dest, last, &env);
+        wait_listed(dest, VOLUME, last, &env);
     }
     rss.push(rss_kib(daemon.pid()));
     let (mut verified, mut lost) = (0, 0);
@@ -854,19 +795,7 @@ fn soak_with_faults_and_a_mirror() {
             .lines()
             .find_map(|l| l.strip_prefix("verified snapshot ")?.split(" of ").next())
             .map_or(0, |ids| ids.split(", ").count());
-        let restored = d.join("restored");
-        run(foresnap()
-            .args(["restore", "--dest", dest, "--volume", VOLUME, "--snapshot"])
-            .arg(last.to_string())
-            .arg("--out")
-            .arg(&restored)
-            .envs(env));
-        let diff = sh(&format!(
-            "cmp -l {o} {i} 2>/dev/null | wc -l; rm {o}",
-            o = restored.display(),
-            i = image.display()
-        ));
-        let diff: u64 = diff.trim().parse().unwrap();
+        let diff = restore_diff(d, dest, last, &image, &env);
         assert_eq!(diff, 0, "the last snapshot at {dest} differs");
         lost += diff;
     }

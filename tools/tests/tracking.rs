@@ -7,7 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh, sh_output};
+use common::{
+    Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh, sh_output,
+    wait_listed,
+};
 
 const BS: u64 = 4096;
 
@@ -286,30 +289,6 @@ fn kill9_trials_lose_no_tracking_and_no_snapshot() {
     assert_no_ublk_devices();
 }
 
-/// Waits until `foresnap snapshots` lists snapshot `id`.
-fn wait_uploaded(dest: &str, volume: &str, id: u32) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = foresnap()
-            .args(["snapshots", "--dest", dest, "--volume", volume])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        if text
-            .lines()
-            .any(|l| l.starts_with(&format!("snapshot {id} ")))
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "snapshot {id} not uploaded in 120 s: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Snapshots uploaded to a directory destination while the device is
 /// rewritten restore bit-exact to the images at their closes: the first a
 /// full one (the data already on the backing included), the next
@@ -356,7 +335,7 @@ fn uploaded_snapshots_restore_bit_exact() {
     assert_eq!(snapshot(&sock), 2);
     let image2 = dir.path().join("image2");
     sh(&format!("cp {} {}", img.display(), image2.display()));
-    wait_uploaded(&dest, "db", 2);
+    wait_listed(&dest, "db", 2, &[]);
     for (id, image) in [(1, &image1), (2, &image2)] {
         let out = dir.path().join(format!("restored{id}"));
         run(foresnap()

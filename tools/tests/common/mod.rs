@@ -419,3 +419,29 @@ pub fn pattern(len: u64, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Waits (at most 240 s) until `foresnap snapshots` lists snapshot `id` of
+/// `volume` as complete at `dest`; `env` for its credentials.
+pub fn wait_listed(dest: &str, volume: &str, id: u32, env: &[(&str, &str)]) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let out = foresnap()
+            .args(["snapshots", "--dest", dest, "--volume", volume])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text
+            .lines()
+            .any(|l| l.starts_with(&format!("snapshot {id} ")))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot {id} not complete at {dest} in 240 s: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
