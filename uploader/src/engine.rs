@@ -266,6 +266,29 @@ impl Uploader {
         }
     }
 
+    /// The manifest of `epoch` already at the destination, when it is this
+    /// volume's snapshot of that close: stored by an upload that crashed
+    /// before acknowledging its epoch. Uploaded again over a parent that a
+    /// prune has since deleted, the epoch's new manifest differs from it
+    /// (another parent, other objects), yet the stored one is whole (a
+    /// manifest is written last) and holds the same content: it stands.
+    fn stored_before_a_crash(&self, epoch: u32, closed_ms: u64) -> Option<Manifest> {
+        let there = read_manifest(self.dest.as_ref(), &self.keys, epoch).ok()?;
+        let ours = there.volume_id == self.tracker.volume_id()
+            && there.snapshot == epoch
+            && there.closed_ms == closed_ms;
+        if ours {
+            log::info!(
+                "{}: snapshot {epoch} of volume {} was stored before a restart (over parent \
+                 {}); it stands",
+                self.dest.url(),
+                self.keys.name(),
+                there.parent
+            );
+        }
+        ours.then_some(there)
+    }
+
     /// Uploads the oldest closed epoch, if there is one, with the worker
     /// pool: each worker takes the next chunk with changed blocks, reads
     /// them into its own chunk buffer and stores the chunk's object; the
@@ -316,7 +339,13 @@ impl Uploader {
         )?;
         let counts = w.counts();
         crashpoint::hit("manifest");
-        let manifest = w.commit()?;
+        let manifest = match w.commit() {
+            Ok(m) => m,
+            Err(SnapshotError::Mismatch { key, why }) => self
+                .stored_before_a_crash(epoch, info.closed_ms)
+                .ok_or(SnapshotError::Mismatch { key, why })?,
+            Err(e) => return Err(e.into()),
+        };
         crashpoint::hit("ack");
         for b in changed.blocks() {
             self.tracker.ack_closed(epoch, b);
@@ -697,6 +726,71 @@ mod tests {
         let (ot, _) = Tracker::open(&ocfg, &op, size, 1).unwrap();
         let e = Uploader::new(Arc::new(ot), dest, keys, 1 << 20, Codec::None).unwrap_err();
         assert!(e.to_string().contains("another id"), "{e}");
+    }
+
+    /// An upload that stored its manifest and was killed before its epoch
+    /// was acknowledged is uploaded again at restart, over the newest
+    /// snapshot below it. If a prune deleted that one meanwhile, the new
+    /// manifest differs from the stored one: the stored one stands (it is
+    /// whole and of this close), the epoch is finished, nothing stalls.
+    #[test]
+    fn a_manifest_stored_before_a_kill_stands_though_its_parent_was_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let vp = dir.path().join("vol");
+        let size = 2 * MIB;
+        let (t, vol, cfg) = tracked_volume(dir.path(), size);
+        let dest: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
+        let keys = Keys::new("v").unwrap();
+        let new_uploader = |t: &Arc<Tracker>| {
+            Uploader::new(t.clone(), dest.clone(), keys.clone(), 1 << 20, Codec::None).unwrap()
+        };
+        let mut up = new_uploader(&t);
+        write(&t, &vol, 0, &vec![1u8; MIB as usize]);
+        t.close().unwrap();
+        assert_eq!(up.upload_next().unwrap().unwrap().snapshot, 1);
+        write(&t, &vol, 4096, &[2u8; 4096]);
+        t.close().unwrap();
+        let image2 = std::fs::read(&vp).unwrap();
+        // The state of a kill after snapshot 2's manifest, before its ack:
+        // the ring (closed epoch 2 not yet uploaded) as it is now.
+        let saved = dir.path().join("saved");
+        std::fs::create_dir(&saved).unwrap();
+        for f in ["ring", "ring.preserve"] {
+            let from = dir.path().join(f);
+            if from.exists() {
+                std::fs::copy(&from, saved.join(f)).unwrap();
+            }
+        }
+        let r2 = up.upload_next().unwrap().unwrap();
+        assert_eq!(r2.snapshot, 2);
+        let stored = read_manifest(dest.as_ref(), &keys, 2).unwrap();
+        assert_eq!(stored.parent, 1, "a delta over snapshot 1");
+        drop(up);
+        drop(t);
+        // A prune deletes snapshot 1's manifest (its objects stay: 2 needs them).
+        dest.delete(&keys.manifest(1)).unwrap();
+        for f in ["ring", "ring.preserve"] {
+            if saved.join(f).exists() {
+                std::fs::copy(saved.join(f), dir.path().join(f)).unwrap();
+            }
+        }
+        let (t, _) = Tracker::open(&cfg, &vp, size, 1).unwrap();
+        let t = Arc::new(t);
+        assert_eq!(t.closed_epochs().first().map(|e| e.epoch), Some(2));
+        let mut up = new_uploader(&t);
+        let again = up.upload_next().unwrap().unwrap();
+        assert_eq!(again.snapshot, 2);
+        assert!(t.closed_epochs().is_empty(), "epoch 2 is finished");
+        assert_eq!(read_manifest(dest.as_ref(), &keys, 2).unwrap(), stored);
+        let out = dir.path().join("r2");
+        restore_image(dest.as_ref(), &keys, &stored, &out, 2, |_, _| {}).unwrap();
+        assert!(std::fs::read(&out).unwrap() == image2);
+        // The next snapshot builds on the one that stood.
+        write(&t, &vol, 8192, &[3u8; 4096]);
+        t.close().unwrap();
+        assert_eq!(up.upload_next().unwrap().unwrap().snapshot, 3);
+        assert_eq!(read_manifest(dest.as_ref(), &keys, 3).unwrap().parent, 2);
     }
 
     /// The memory bound decides how many workers run: never more than

@@ -59,15 +59,15 @@
 //! finishes it before anything else. At every moment each snapshot the
 //! policy keeps is listed and whole.
 //!
-//! # Concurrency and one known window
+//! # Concurrency
 //!
 //! A prune may run while an uploader adds snapshots; two prunes of a
 //! volume at one destination at once are not supported, nor a prune and
 //! a `tier` run. An upload that crashed after its manifest was stored but
 //! before its epoch was acknowledged locally is uploaded again at restart
 //! over the newest snapshot *below* its own; if a prune dropped that one
-//! meanwhile, the new manifest differs from the stored one and the upload
-//! is refused (retried, never written over).
+//! meanwhile, the new manifest differs from the stored one, and the stored
+//! one stands (the engine checks that it is this volume's, of that close).
 //!
 //! # Journal format (version 1)
 //!
