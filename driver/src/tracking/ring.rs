@@ -45,7 +45,7 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), RingError> {
     } else {
         Err(RingError::Io {
             path: path.to_owned(),
-            source: e,
+            error: e,
         })
     }
 }
@@ -54,10 +54,12 @@ fn lock_exclusive(file: &File, path: &Path) -> Result<(), RingError> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RingError {
-    #[error("write ring {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("write ring {path}: {source}")]
-    Format { path: PathBuf, source: FormatError },
+    // (`error` is not a `source`: the message already includes it, and a
+    // chain printed in full would say it twice.)
+    #[error("write ring {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+    #[error("write ring {path}: {error}")]
+    Format { path: PathBuf, error: FormatError },
     #[error(
         "write ring {path} was made for another volume ({theirs} bytes, block {their_block}); \
          this one has {ours} bytes, block {our_block}"
@@ -107,9 +109,9 @@ impl WriteRing {
         volume_bytes: u64,
         block_bytes: u32,
     ) -> Result<WriteRing, RingError> {
-        let io_err = |source| RingError::Io {
+        let io_err = |error| RingError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         let area = (file_bytes / 4096 * 4096).saturating_sub(HEADER_BYTES as u64);
         if area < 60 << 10 {
@@ -163,9 +165,9 @@ impl WriteRing {
         volume_bytes: u64,
         block_bytes: u32,
     ) -> Result<(WriteRing, Recovered), RingError> {
-        let io_err = |source| RingError::Io {
+        let io_err = |error| RingError::Io {
             path: path.to_owned(),
-            source,
+            error,
         };
         let file = OpenOptions::new()
             .read(true)
@@ -181,7 +183,7 @@ impl WriteRing {
                 .map_err(|e| match e.kind() {
                     io::ErrorKind::UnexpectedEof => RingError::Format {
                         path: path.to_owned(),
-                        source: FormatError::Truncated {
+                        error: FormatError::Truncated {
                             have: len,
                             want: HEADER_BYTES as u64,
                         },
@@ -189,14 +191,14 @@ impl WriteRing {
                     _ => io_err(e),
                 })?;
         }
-        let header = Header::decode(&page).map_err(|source| RingError::Format {
+        let header = Header::decode(&page).map_err(|error| RingError::Format {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         if len < header.file_bytes() {
             return Err(RingError::Format {
                 path: path.to_owned(),
-                source: FormatError::Truncated {
+                error: FormatError::Truncated {
                     have: len,
                     want: header.file_bytes(),
                 },
@@ -223,9 +225,9 @@ impl WriteRing {
     }
 
     fn map(path: &Path, file: File, header: Header) -> Result<WriteRing, RingError> {
-        let map = MmapRaw::map_raw(&file).map_err(|source| RingError::Io {
+        let map = MmapRaw::map_raw(&file).map_err(|error| RingError::Io {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         Ok(WriteRing {
             path: path.to_owned(),
@@ -372,6 +374,33 @@ impl WriteRing {
         // and the first writer to degrade, under the tracker's lock).
         let page = unsafe { std::slice::from_raw_parts(self.bitmap_page_ptr(), 20) };
         BitmapPage::decode(page)
+    }
+
+    /// Whether the overflow bitmap's page holds bytes that are not a valid
+    /// page (a page never written reads as zeroes): whether its bits were
+    /// in use is then unknown.
+    pub fn bitmap_page_damaged(&self) -> bool {
+        // SAFETY: as in `bitmap_page`.
+        let page = unsafe { std::slice::from_raw_parts(self.bitmap_page_ptr(), 20) };
+        BitmapPage::decode(page).is_none() && page.iter().any(|&b| b != 0)
+    }
+
+    /// Zeroes the damaged slots ([`Recovered::damaged`]), once the caller
+    /// no longer needs what they held (a resync), so that the next start
+    /// trusts the ring again. Only while no writer appends (at open).
+    pub fn clear_damaged(&self) {
+        let base = self.map.as_mut_ptr().wrapping_add(HEADER_BYTES);
+        for i in 0..self.slots {
+            let at = usize::try_from(i).unwrap_or(usize::MAX) * RECORD_BYTES;
+            // SAFETY: slot `i` lies inside the record area, which the
+            // mapping covers; no writer appends meanwhile (the caller's
+            // contract), so nobody else touches it.
+            let slot = unsafe { std::slice::from_raw_parts_mut(base.add(at), RECORD_BYTES) };
+            let valid = Record::decode(slot).is_some_and(|r| r.seq % self.slots == i);
+            if !valid && slot.iter().any(|&b| b != 0) {
+                slot.fill(0);
+            }
+        }
     }
 
     /// Rewrites the overflow bitmap's page. Callers serialize.

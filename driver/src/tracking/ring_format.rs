@@ -50,6 +50,12 @@
 //! uploaded and are ignored by the tracker (their slots may still hold them
 //! when the ring has not wrapped since).
 //!
+//! A slot that is neither all zero nor a valid record of that slot is
+//! *damaged*: bit rot, or (rarely) a record half copied when the process
+//! was killed. Its sequence, and so whether its write still matters, cannot
+//! be known; the tracker then resynchronises the whole volume rather than
+//! trust the ring (see `tracker`, Recovery).
+//!
 //! # Overflow bitmap
 //!
 //! After the record area, [`Header::bitmap_bytes`] bytes: one page, then
@@ -340,6 +346,9 @@ pub struct Recovered {
     /// The highest sequence found (0 for an empty ring): appending goes on
     /// from `max_seq + 1`.
     pub max_seq: u64,
+    /// Slots anywhere in the area that hold neither zeroes nor a valid
+    /// record of their slot (module doc).
+    pub damaged: u64,
 }
 
 /// Recovers the records of a record area (see the module doc).
@@ -350,9 +359,17 @@ pub fn recover(area: &[u8]) -> Recovered {
         .enumerate()
         .map(|(i, r)| Record::decode(r).filter(|rec| rec.seq % slots == i as u64))
         .collect();
+    let damaged = area
+        .chunks_exact(RECORD_BYTES)
+        .zip(&decoded)
+        .filter(|(r, d)| d.is_none() && r.iter().any(|&b| b != 0))
+        .count() as u64;
     let max_seq = decoded.iter().flatten().map(|r| r.seq).max().unwrap_or(0);
     if max_seq == 0 {
-        return Recovered::default();
+        return Recovered {
+            damaged,
+            ..Recovered::default()
+        };
     }
     let low = max_seq.saturating_sub(slots); // exclusive
     let mut records: Vec<Record> = decoded
@@ -367,6 +384,7 @@ pub fn recover(area: &[u8]) -> Recovered {
         torn: window - records.len() as u64,
         records,
         max_seq,
+        damaged,
     }
 }
 
@@ -573,6 +591,10 @@ mod tests {
         let r = recover(&area);
         assert_eq!(r.max_seq, 150);
         assert_eq!(r.torn, 2);
+        assert_eq!(
+            r.damaged, 1,
+            "146's slot holds garbage, 148's an old record"
+        );
         let seqs: Vec<u64> = r.records.iter().map(|r| r.seq).collect();
         let want: Vec<u64> = (87..=150).filter(|s| *s != 146 && *s != 148).collect();
         assert_eq!(seqs, want);

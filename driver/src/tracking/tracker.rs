@@ -57,6 +57,16 @@
 //! blocks (`Dirty`), every closed epoch not yet released and its blocks
 //! (`Closed` where the volume still holds that epoch's content), the
 //! preserve slots in use, and the overflow bitmap's blocks.
+//!
+//! A ring with damaged records or a damaged bitmap page (bit rot, or a
+//! record half copied at a kill: [`super::ring_format`]) cannot say which
+//! blocks those records named. Recovery then trusts none of it: every block
+//! of the volume counts as changed in the open epoch, closed epochs not yet
+//! uploaded join it (their changed sets may lack blocks), and the next
+//! snapshot is the whole volume as it is, never one missing a change. The
+//! resync is persisted (a release record voiding every earlier record and
+//! write records of the whole volume, synced) before the damaged slots are
+//! zeroed, so a crash in between resyncs again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -202,6 +212,9 @@ pub struct RecoveryReport {
     /// A new ring: blocks of the volume that already held data, tracked as
     /// changed in the first epoch so that the first snapshot is complete.
     pub existing_blocks: u64,
+    /// Damaged records (and bitmap page): when not 0, the whole volume was
+    /// resynchronised (module doc, Recovery).
+    pub damaged: u64,
 }
 
 struct ClosedEpoch {
@@ -399,6 +412,10 @@ impl Tracker {
 
     /// Rebuilds the state from the ring's records (module doc, Recovery).
     fn recover(&self, rec: &Recovered) -> Result<RecoveryReport, TrackError> {
+        let damaged = rec.damaged + u64::from(self.ring.bitmap_page_damaged());
+        if damaged > 0 {
+            return self.resync(rec, damaged);
+        }
         let below = rec
             .records
             .iter()
@@ -562,6 +579,68 @@ impl Tracker {
             bitmap_blocks,
             still_degraded,
             existing_blocks: 0,
+            damaged: 0,
+        })
+    }
+
+    /// Recovery from a damaged ring: the whole volume changed in the open
+    /// epoch (module doc, Recovery).
+    fn resync(&self, rec: &Recovered, damaged: u64) -> Result<RecoveryReport, TrackError> {
+        // After every epoch the ring names: no snapshot id is used twice.
+        let open = rec
+            .records
+            .iter()
+            .map(|r| r.epoch + u32::from(r.kind == RecordKind::Close))
+            .chain(self.ring.bitmap_page().map(|p| p.epoch))
+            .fold(1, u32::max);
+        log::warn!(
+            "write ring {}: {damaged} damaged records, whose writes are unknown: a full resync, \
+             every block of the volume goes into snapshot {open} (with any epoch not yet \
+             uploaded)",
+            self.ring.path().display()
+        );
+        let below = self.ring.next_seq();
+        self.ring.release_below(below);
+        // The ring is all free now: these appends find room (a volume too
+        // large for the ring's slots overflows into the bitmap).
+        let _ = self.ring.append(open, RecordKind::Release { below });
+        let end = self.volume_bytes.next_multiple_of(512);
+        let mut off = 0;
+        while off < end {
+            let len = (end - off).min(MAX_RECORD_LEN);
+            let kind = RecordKind::Write {
+                offset: off,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                fua: false,
+                zeroing: false,
+            };
+            if self.ring.append(open, kind).is_err() {
+                self.overflow(open, off, len);
+            }
+            off += len;
+        }
+        self.ring.sync().map_err(TrackError::Sync)?;
+        let degraded = self.degraded.load(Ordering::Acquire);
+        if !degraded {
+            self.ring.write_bitmap_page(BitmapPage {
+                epoch: open,
+                degraded: false,
+            });
+            self.ring.clear_bitmap();
+        }
+        self.ring.clear_damaged();
+        self.ring.sync().map_err(TrackError::Sync)?;
+        let blocks = self.volume_bytes.div_ceil(self.block_bytes);
+        self.map
+            .set_recovered(0, blocks.saturating_sub(1), BlockState::Dirty);
+        self.epoch.store(open, Ordering::Release);
+        lock(&self.state).open_first_seq = below;
+        Ok(RecoveryReport {
+            torn: rec.torn,
+            open_blocks: blocks,
+            still_degraded: degraded,
+            damaged,
+            ..RecoveryReport::default()
         })
     }
 
