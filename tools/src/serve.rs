@@ -419,16 +419,26 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
     use foresnap_driver::tracking::ring_format::{HEADER_BYTES, Header, recover};
     let bytes = std::fs::read(&args.ring)
         .with_context(|| format!("cannot read ring {}", args.ring.display()))?;
+    if bytes.len() < HEADER_BYTES {
+        anyhow::bail!(
+            "ring {} is truncated: {} bytes, shorter than its {HEADER_BYTES}-byte header",
+            args.ring.display(),
+            bytes.len()
+        );
+    }
     let header = Header::decode(&bytes).with_context(|| format!("ring {}", args.ring.display()))?;
-    let end = usize::try_from(header.bitmap_offset()).unwrap_or(usize::MAX);
-    let area = bytes.get(HEADER_BYTES..end).with_context(|| {
-        format!(
+    // As the tracker's open: a ring shorter than its header says is
+    // refused, not read in part.
+    if (bytes.len() as u64) < header.file_bytes() {
+        anyhow::bail!(
             "ring {} is truncated: {} bytes, its header says {}",
             args.ring.display(),
             bytes.len(),
             header.file_bytes()
-        )
-    })?;
+        );
+    }
+    let end = usize::try_from(header.bitmap_offset()).unwrap_or(usize::MAX);
+    let area = &bytes[HEADER_BYTES..end];
     let recovered = recover(area);
     let n = if args.out.as_os_str() == "-" {
         let mut out = std::io::stdout().lock();
@@ -452,6 +462,13 @@ pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
             recovered.records.len(),
             recovered.torn,
             args.out.display()
+        );
+    }
+    if recovered.damaged > 0 {
+        eprintln!(
+            "foresnap: ring {}: {} damaged records left out (their writes are unknown)",
+            args.ring.display(),
+            recovered.damaged
         );
     }
     Ok(())

@@ -18,7 +18,7 @@ use foresnap_uploader::format::{Codec, Keys, Manifest};
 use foresnap_uploader::link::Link;
 use foresnap_uploader::plan::{PlanConfig, Planner};
 use foresnap_uploader::restore::{
-    list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
+    SnapshotError, list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
 };
 use foresnap_uploader::s3::{S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
@@ -383,8 +383,20 @@ pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
         Arc::new(Copies::new(members.clone()))
     };
     let mut out = std::io::stdout().lock();
+    let mut damaged = 0;
     for (id, holders) in at {
-        let m = read_manifest(copies.as_ref(), &keys, id)?;
+        // A manifest that is there but damaged: that snapshot is not
+        // complete (it cannot be restored); the others are still listed.
+        let m = match read_manifest(copies.as_ref(), &keys, id) {
+            Ok(m) => m,
+            Err(e) if manifest_damage(&e).is_some() => {
+                out.flush()?;
+                eprintln!("foresnap: snapshot {id} is not complete: {e}");
+                damaged += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let objects: usize = m.chunks.iter().map(Vec::len).sum();
         write!(
             out,
@@ -410,7 +422,24 @@ pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
         }
         writeln!(out)?;
     }
+    if damaged > 0 {
+        bail!(
+            "{damaged} snapshot manifests of volume {} are damaged (above): those snapshots \
+             cannot be restored",
+            args.volume
+        );
+    }
     Ok(())
+}
+
+/// The key of a manifest and what is wrong with it, when `e` says that
+/// the manifest is damaged (not that the destination cannot be read).
+fn manifest_damage(e: &SnapshotError) -> Option<(&str, String)> {
+    match e {
+        SnapshotError::Format { key, error } => Some((key, error.to_string())),
+        SnapshotError::Mismatch { key, why } => Some((key, why.clone())),
+        _ => None,
+    }
 }
 
 /// The manifest of the snapshot `which` names.
@@ -593,7 +622,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         match verify_at(d.as_ref(), &keys, args) {
             Ok(0) => {}
             Ok(n) => bad.push(format!(
-                "{}: {n} objects missing or corrupt (the snapshots that need them cannot be restored from there)",
+                "{}: {n} objects or manifests missing or corrupt (the snapshots that need them cannot be restored from there)",
                 d.url()
             )),
             Err(e) if members.len() > 1 => {
@@ -611,8 +640,12 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
 }
 
 /// Verifies the snapshots `args` names at `dest`; the number of bad
-/// objects.
+/// objects and manifests.
 fn verify_at(dest: &dyn Destination, keys: &Keys, args: &VerifyArgs) -> anyhow::Result<usize> {
+    let mut out = std::io::stdout().lock();
+    // A damaged manifest is reported like a damaged object, and the other
+    // snapshots are still verified.
+    let mut bad_manifests = 0;
     let manifests = match args.snapshot {
         Some(which) => vec![pick(dest, keys, which)?],
         None => {
@@ -624,12 +657,21 @@ fn verify_at(dest: &dyn Destination, keys: &Keys, args: &VerifyArgs) -> anyhow::
                     dest.url()
                 );
             }
-            ids.into_iter()
-                .map(|id| {
-                    read_manifest(dest, keys, id)
-                        .with_context(|| format!("snapshot {id} of volume {}", args.from.volume))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?
+            let mut manifests = Vec::with_capacity(ids.len());
+            for id in ids {
+                match read_manifest(dest, keys, id) {
+                    Ok(m) => manifests.push(m),
+                    Err(e) => {
+                        let Some((key, what)) = manifest_damage(&e) else {
+                            return Err(anyhow::Error::new(e)
+                                .context(format!("snapshot {id} of volume {}", args.from.volume)));
+                        };
+                        writeln!(out, "BAD {key}: {what} (needed by snapshot {id})")?;
+                        bad_manifests += 1;
+                    }
+                }
+            }
+            manifests
         }
     };
     let started = Instant::now();
@@ -641,7 +683,6 @@ fn verify_at(dest: &dyn Destination, keys: &Keys, args: &VerifyArgs) -> anyhow::
         progress(format!("verifying objects at {}", dest.url())),
     )?;
     let ids: Vec<String> = manifests.iter().map(|m| m.snapshot.to_string()).collect();
-    let mut out = std::io::stdout().lock();
     for p in &report.problems {
         let snaps: Vec<String> = p.snapshots.iter().map(u32::to_string).collect();
         writeln!(
@@ -660,8 +701,8 @@ fn verify_at(dest: &dyn Destination, keys: &Keys, args: &VerifyArgs) -> anyhow::
         dest.url(),
         report.objects,
         report.bytes,
-        report.problems.len(),
+        report.problems.len() + bad_manifests,
         started.elapsed().as_secs_f64()
     )?;
-    Ok(report.problems.len())
+    Ok(report.problems.len() + bad_manifests)
 }
