@@ -124,7 +124,10 @@ fn figure(text: &str, suffix: &str) -> u64 {
 }
 
 /// Backups, restores and verifies through 10% faults of every kind.
+/// A minute: run by `scripts/torture` (so by `scripts/test`), not by a
+/// plain `cargo test`.
 #[test]
+#[ignore = "part of scripts/torture: cargo test --test faults -- --ignored"]
 fn snapshots_survive_a_faulty_object_store() {
     let snapshots = match std::env::var("FORESNAP_FAULT_SNAPSHOTS") {
         Ok(n) if !n.is_empty() => n.parse().expect("FORESNAP_FAULT_SNAPSHOTS: a number"),
