@@ -36,6 +36,12 @@
 //!   check ([`Destination::get_valid`]): they are read again, with
 //!   backoff, and only bytes that fail every attempt are handed back, for
 //!   the check to report the object damaged.
+//! - A put's body is sent with its `Content-MD5` (every S3-compatible
+//!   server checks it): without it, bytes damaged on the way in were
+//!   stored as the object, and the snapshot, complete by its manifest,
+//!   could not be restored (the SDK signs no payload hash over plain
+//!   HTTP either). A body refused as damaged (`BadDigest`) is sent again,
+//!   with backoff, [`MAX_ATTEMPTS`] times in all.
 
 use std::time::Duration;
 
@@ -221,6 +227,46 @@ pub struct S3Destination {
 /// The HTTP status of a failed request, if the server answered.
 fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Whether the server refused a body as damaged in transit: its
+/// `Content-MD5` did not match the bytes received.
+fn bad_digest<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
+    e.as_service_error()
+        .and_then(ProvideErrorMetadata::code)
+        .is_some_and(|c| c == "BadDigest" || c == "InvalidDigest")
+}
+
+/// The `Content-MD5` header of `body`: its MD5, base64.
+fn content_md5(body: &[u8]) -> String {
+    use base64::Engine as _;
+    use md5::Digest as _;
+    base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(body))
+}
+
+/// Sends what `send` builds until the server stops refusing the body as
+/// damaged in transit, waiting [`REREAD_BACKOFF`] doubled in between,
+/// [`MAX_ATTEMPTS`] times at most; the last answer.
+async fn resend_damaged<T, E, F, Fut>(what: &str, mut send: F) -> Result<T, SdkError<E>>
+where
+    E: ProvideErrorMetadata,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SdkError<E>>>,
+{
+    let mut wait = REREAD_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        let r = send().await;
+        match &r {
+            Err(e) if bad_digest(e) && attempt < MAX_ATTEMPTS => {
+                log::warn!("{what}: the body arrived damaged; sending it again in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            _ => return r,
+        }
+    }
 }
 
 impl S3Destination {
@@ -448,15 +494,28 @@ impl S3Destination {
             let mut set = tokio::task::JoinSet::new();
             for (j, part) in window.chunks(PART_BYTES).enumerate() {
                 let number = i32::try_from(i * PARTS_IN_FLIGHT + j + 1).unwrap_or(i32::MAX);
-                let req = self
-                    .client
-                    .upload_part()
-                    .bucket(&self.url.bucket)
-                    .key(full)
-                    .upload_id(id)
-                    .part_number(number)
-                    .body(ByteStream::from(part.to_vec()));
-                set.spawn(async move { (number, req.send().await) });
+                let (client, bucket, full, id) = (
+                    self.client.clone(),
+                    self.url.bucket.clone(),
+                    full.to_owned(),
+                    id.to_owned(),
+                );
+                let (md5, part) = (content_md5(part), part.to_vec());
+                let what = format!("{}: part {number} of {key}", self.url());
+                set.spawn(async move {
+                    let send = || {
+                        client
+                            .upload_part()
+                            .bucket(&bucket)
+                            .key(&full)
+                            .upload_id(&id)
+                            .part_number(number)
+                            .content_md5(&md5)
+                            .body(ByteStream::from(part.clone()))
+                            .send()
+                    };
+                    (number, resend_damaged(&what, send).await)
+                });
             }
             while let Some(done) = set.join_next().await {
                 let (number, r) = done.map_err(|e| DestError::Remote {
@@ -517,15 +576,19 @@ impl Destination for S3Destination {
             }
             return self.rt.block_on(self.put_multipart(&full, key, bytes));
         }
-        let r = self.rt.block_on(
+        let md5 = content_md5(bytes);
+        let send = || {
             self.client
                 .put_object()
                 .bucket(&self.url.bucket)
                 .key(&full)
                 .if_none_match("*")
+                .content_md5(&md5)
                 .body(ByteStream::from(bytes.to_vec()))
-                .send(),
-        );
+                .send()
+        };
+        let what = format!("{}: put {key}", self.url());
+        let r = self.rt.block_on(resend_damaged(&what, send));
         match r {
             Ok(_) => Ok(()),
             Err(e) if status(&e) == Some(412) => Err(self.exists(key)),
