@@ -20,6 +20,7 @@
 //! | `timeout` | before forwarding | no answer for `--stall-ms`, then a close |
 //! | `truncate` | after forwarding, object GETs | the full `Content-Length`, half the body, a close |
 //! | `flip` | after forwarding, object GETs | one body byte changed, length kept |
+//! | `flip-put` | before forwarding, object and part PUTs | the server's answer to a body with one byte changed |
 //! | `latency` | before forwarding | the answer, `--latency-ms` late |
 //!
 //! A request stopped before forwarding never reaches the server, so no
@@ -31,6 +32,12 @@
 //! listing would be corruption no client could detect. A drawn `truncate`
 //! or `flip` whose answer has no body to damage (an error, a chunked
 //! answer) is not injected and not counted.
+//!
+//! `flip-put` is the one damage to a request: a byte of an object's (or a
+//! multipart part's) body changed on its way to the server, the length
+//! kept. A client that sends a checksum of the body (Content-MD5, a signed
+//! payload hash) has it refused; one that does not has a damaged object
+//! stored as if whole.
 //!
 //! Requests are numbered as they arrive; the fault of request N depends
 //! only on `--seed` and N. Counts go to `--stats` as JSON every second and
@@ -60,6 +67,8 @@ enum Kind {
     Truncate,
     Flip,
     Latency,
+    #[value(name = "flip-put")]
+    FlipPut,
 }
 
 impl Kind {
@@ -68,9 +77,14 @@ impl Kind {
             .map_or_else(String::new, |v| v.get_name().to_owned())
     }
 
-    /// Damages an answer's body: only for object GETs.
-    fn needs_object_get(self) -> bool {
-        matches!(self, Kind::Truncate | Kind::Flip)
+    /// Whether the kind applies to a request: damage to an answer's body
+    /// only to object GETs, damage to a request's body only to object PUTs.
+    fn applies(self, object_get: bool, object_put: bool) -> bool {
+        match self {
+            Kind::Truncate | Kind::Flip => object_get,
+            Kind::FlipPut => object_put,
+            _ => true,
+        }
     }
 }
 
@@ -111,12 +125,15 @@ struct Args {
     stats: Option<PathBuf>,
 }
 
+/// How many fault kinds there are.
+const KINDS: usize = Kind::FlipPut as usize + 1;
+
 /// Counters, read only to report them: `Relaxed` everywhere (no other
 /// memory is published through them).
 #[derive(Debug, Default)]
 struct Stats {
     requests: AtomicU64,
-    faults: [AtomicU64; 8],
+    faults: [AtomicU64; KINDS],
     /// Resets after the server had answered: requests applied, answer lost.
     reset_after_forward: AtomicU64,
     /// One writer of the stats file at a time (they share its temporary).
@@ -187,7 +204,7 @@ struct Fault {
 
 impl Proxy {
     /// The fault of request `n`, if any, among the kinds that apply.
-    fn draw(&self, n: u64, object_get: bool) -> Option<Fault> {
+    fn draw(&self, n: u64, object_get: bool, object_put: bool) -> Option<Fault> {
         let a = mix(self.seed ^ mix(n));
         let b = mix(a);
         // 53 random bits as a uniform value in [0, 1).
@@ -196,7 +213,7 @@ impl Proxy {
             .kinds
             .iter()
             .copied()
-            .filter(|k| object_get || !k.needs_object_get())
+            .filter(|k| k.applies(object_get, object_put))
             .collect();
         if u >= self.rate || eligible.is_empty() {
             return None;
@@ -402,12 +419,18 @@ fn serve(p: &Proxy, client: TcpStream) -> io::Result<()> {
         let method = req.start[0].clone();
         let target = req.start.get(1).cloned().unwrap_or_default();
         let path = target.split('?').next().unwrap_or("");
-        let object_get = method == "GET"
-            && path
-                .trim_start_matches('/')
-                .split_once('/')
-                .is_some_and(|(_, key)| !key.is_empty());
-        let fault = p.draw(n, object_get);
+        let has_key = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .is_some_and(|(_, key)| !key.is_empty());
+        let object_get = method == "GET" && has_key;
+        // A put with a body of its own (not a server-side copy); whether
+        // it has 2 bytes or more is known once the body is read.
+        let object_put = method == "PUT"
+            && has_key
+            && req.header("x-amz-copy-source").is_none()
+            && req.content_length()?.is_some_and(|n| n >= 2);
+        let fault = p.draw(n, object_get, object_put);
         let kind = fault.map(|f| f.kind);
         let bits = fault.map_or(0, |f| f.bits);
         let note = |what: &str| eprintln!("fault-proxy: #{n} {method} {target}: {what}");
@@ -422,6 +445,13 @@ fn serve(p: &Proxy, client: TcpStream) -> io::Result<()> {
             w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
         read_body(&mut r, &mut req, false)?;
+        if kind == Some(Kind::FlipPut) && req.body.len() >= 2 {
+            p.stats.count(Kind::FlipPut);
+            let at = usize::try_from(bits >> 8).unwrap_or(0) % req.body.len();
+            // Never 0: the byte changes.
+            req.body[at] ^= u8::try_from(bits % 255 + 1).unwrap_or(1);
+            note(&format!("flipped byte {at} of the request body"));
+        }
         let close = req.has_token("connection", "close")
             || req.start.get(2).is_some_and(|v| v == "HTTP/1.0");
         let error = match kind {
