@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use foresnap_driver::{BlockSize, DeviceConfig, TrackingConfig, parse_size};
 use foresnap_uploader::link::CapSchedule;
 use foresnap_uploader::plan::{PlanConfig, Policy};
+use foresnap_uploader::retention::Retention;
 use foresnap_uploader::schedule::Schedule;
 use foresnap_uploader::trace::TraceFormat;
 use foresnap_uploader::units::{parse_interval, parse_rate};
@@ -291,25 +292,51 @@ pub struct TierArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("rules").required(true).multiple(true)))]
+#[command(group(
+    clap::ArgGroup::new("rules")
+        .required(true)
+        .multiple(true)
+        .args(["keep_last", "keep_hourly", "keep_daily", "keep_weekly"])
+))]
 pub struct PruneArgs {
     #[command(flatten)]
     pub from: DestArgs,
-    /// Keep the N newest snapshots.
-    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
-    pub keep_last: Option<u32>,
-    /// Keep the newest snapshot of each of the last N hours that have one.
-    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
-    pub keep_hourly: Option<u32>,
-    /// Keep the newest snapshot of each of the last N days that have one.
-    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
-    pub keep_daily: Option<u32>,
-    /// Keep the newest snapshot of each of the last N weeks that have one.
-    #[arg(long, value_name = "N", group = "rules", value_parser = parse_keep)]
-    pub keep_weekly: Option<u32>,
+    #[command(flatten)]
+    pub keep: KeepArgs,
     /// Tell what would be kept and deleted; delete nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// Retention rules (README, `prune`); the newest snapshot is always kept.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[command(next_help_heading = "Retention")]
+pub struct KeepArgs {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, value_name = "N", value_parser = parse_keep)]
+    pub keep_weekly: Option<u32>,
+}
+
+impl KeepArgs {
+    /// The policy, if any rule is given.
+    pub fn retention(&self) -> Option<Retention> {
+        let r = Retention {
+            keep_last: self.keep_last.unwrap_or(0),
+            keep_hourly: self.keep_hourly.unwrap_or(0),
+            keep_daily: self.keep_daily.unwrap_or(0),
+            keep_weekly: self.keep_weekly.unwrap_or(0),
+        };
+        r.check().is_ok().then_some(r)
+    }
 }
 
 fn parse_keep(s: &str) -> Result<u32, String> {
@@ -400,6 +427,11 @@ pub struct UploadArgs {
     /// fewer workers run if the bound does not fit them all.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
     pub upload_memory: u64,
+    // With a rule, each --dest is pruned on its own after uploads (as
+    // `foresnap prune` does): by `backup` once done, by `serve` after a
+    // new snapshot is stored, at most once a minute.
+    #[command(flatten)]
+    pub keep: KeepArgs,
 }
 
 /// The volume's change tracking (`serve`, `backup`).
@@ -503,6 +535,10 @@ pub struct ServeArgs {
     /// Device id N of /dev/ublkbN [default: the kernel's choice].
     #[arg(long, value_name = "N")]
     pub id: Option<u32>,
+    /// Control socket for `foresnap snapshot` and `status`
+    /// [default: /run/foresnap/ublkbN.sock].
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
     #[command(flatten)]
     pub track: TrackArgs,
     /// Serve without change tracking (no ring, no snapshots).
@@ -512,14 +548,11 @@ pub struct ServeArgs {
     pub upload: UploadArgs,
     #[command(flatten)]
     pub sched: ScheduleArgs,
-    /// Control socket for `foresnap snapshot` and `status`
-    /// [default: /run/foresnap/ublkbN.sock].
-    #[arg(long, value_name = "SOCKET")]
-    pub control: Option<PathBuf>,
 }
 
 /// Scheduled snapshots and how they are uploaded (`serve`).
 #[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Schedule and upload policy")]
 pub struct ScheduleArgs {
     /// Take snapshots on a schedule: `every 15m`, `hourly`, `daily 02:00`,
     /// `weekly sun 03:00`, or a 5-field cron expression `MIN HOUR DOM MON

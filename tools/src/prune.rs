@@ -2,8 +2,9 @@
 //! each destination on its own ([`foresnap_uploader::retention`]).
 
 use std::io::Write;
+use std::sync::Arc;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use foresnap_uploader::dest::Destination;
 use foresnap_uploader::format::Keys;
 use foresnap_uploader::retention::{PruneReport, Retention, prune, utc};
@@ -15,23 +16,27 @@ use crate::upload::open_all;
 /// snapshot and a summary on stdout.
 pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
-    let policy = Retention {
-        keep_last: args.keep_last.unwrap_or(0),
-        keep_hourly: args.keep_hourly.unwrap_or(0),
-        keep_daily: args.keep_daily.unwrap_or(0),
-        keep_weekly: args.keep_weekly.unwrap_or(0),
-    };
-    policy.check()?;
-    let dests = open_all(&args.from.dest)?;
+    // The argument group requires a rule.
+    let policy = args.keep.retention().context("give a --keep-* rule")?;
+    apply(&open_all(&args.from.dest)?, &keys, &policy, args.dry_run)
+}
+
+/// Prunes each of `dests` on its own (`prune`, and `backup --keep-*`).
+pub fn apply(
+    dests: &[Arc<dyn Destination>],
+    keys: &Keys,
+    policy: &Retention,
+    dry_run: bool,
+) -> anyhow::Result<()> {
     let mut failed = 0;
-    for d in &dests {
+    for d in dests {
         let url = d.url();
-        match prune(d.as_ref(), &keys, &policy, args.dry_run, |line| {
+        match prune(d.as_ref(), keys, policy, dry_run, |line| {
             eprintln!("foresnap: {url}: {line}");
         }) {
             // stdout gone (a closed pipe) is no reason to fail a prune
             // that is done.
-            Ok(r) => drop(print_report(&r, &keys, d.as_ref(), args.dry_run)),
+            Ok(r) => drop(print_report(&r, keys, d.as_ref(), dry_run)),
             Err(e) if dests.len() == 1 => return Err(e.into()),
             Err(e) => {
                 eprintln!("foresnap: {e}");

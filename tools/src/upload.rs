@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use foresnap_driver::hydrate::{ChunkSource, Hydration};
@@ -20,6 +20,7 @@ use foresnap_uploader::plan::{PlanConfig, Planner};
 use foresnap_uploader::restore::{
     SnapshotError, list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
 };
+use foresnap_uploader::retention::{Retention, prune_after_uploads};
 use foresnap_uploader::s3::{S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
 
@@ -110,7 +111,12 @@ pub struct UploadPlan {
     /// (with a schedule or a cap): `dest` is this link.
     link: Option<Arc<Link>>,
     scheduled: Option<Scheduled>,
+    /// `--keep-*`: the policy and each destination on its own.
+    prune: Option<(Retention, Vec<Arc<dyn Destination>>)>,
 }
+
+/// `serve --keep-*` prunes at most this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Scheduled snapshots and their predictive upload.
 #[derive(Debug)]
@@ -129,6 +135,9 @@ pub fn prepare(
     backing: &Path,
 ) -> anyhow::Result<Option<UploadPlan>> {
     let Some(first) = args.dest.first() else {
+        if args.keep.retention().is_some() {
+            bail!("--keep-* rules prune destinations: give a --dest too");
+        }
         return Ok(None);
     };
     let keys = volume_keys(args.volume.as_deref(), backing)?;
@@ -174,6 +183,10 @@ pub fn prepare(
             args.chunk_size
         );
     }
+    let prune = match args.keep.retention() {
+        Some(policy) => Some((policy, open_all(&args.dest)?)),
+        None => None,
+    };
     Ok(Some(UploadPlan {
         dest,
         keys,
@@ -183,6 +196,7 @@ pub fn prepare(
         memory_bytes: args.upload_memory,
         link,
         scheduled,
+        prune,
     }))
 }
 
@@ -263,6 +277,21 @@ impl UploadPlan {
             deadlines = Some(d);
         }
         let health = Arc::new(UploadHealth::default());
+        if let Some((policy, members)) = self.prune {
+            log::info!(
+                "pruning volume {} at each destination after uploads ({policy:?}), at most \
+                 every {} s",
+                self.keys.name(),
+                PRUNE_EVERY.as_secs()
+            );
+            let (h, stop, keys) = (health.clone(), stop.clone(), self.keys.clone());
+            std::thread::Builder::new()
+                .name("pruner".into())
+                .spawn(move || {
+                    prune_after_uploads(&members, &keys, &policy, &h, PRUNE_EVERY, &stop);
+                })
+                .context("cannot start the pruner thread")?;
+        }
         let h = health.clone();
         std::thread::Builder::new()
             .name("uploader".into())
@@ -325,6 +354,10 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     while let Some(r) = up.upload_next()? {
         print_report(&mut out, &r, &plan.dest.url())?;
+    }
+    drop(out);
+    if let Some((policy, members)) = &plan.prune {
+        crate::prune::apply(members, &plan.keys, policy, false)?;
     }
     Ok(())
 }

@@ -757,3 +757,68 @@ fn prune_keeps_what_the_rules_say_and_the_rest_goes() {
         "only the tiering journal was added"
     );
 }
+
+/// `backup --keep-last 2` to two destinations (mirror): after four
+/// backups, each holds snapshots 3 and 4, which restore to the volume at
+/// their backups; a rule of 0 is refused before anything runs.
+#[test]
+fn backup_with_a_rule_prunes_each_destination_after_its_upload() {
+    use foresnap_driver::tracking::Geometry;
+    use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol");
+    let mut images = vec![write_image(&vol, 4, 7)];
+    let a = format!("file://{}", dir.path().join("a").display());
+    let b = format!("file://{}", dir.path().join("b").display());
+    let backup = || {
+        let mut c = foresnap();
+        c.args(["backup", "--volume", "v", "--chunk-size", "1M"])
+            .args(["--dest-policy", "mirror", "--dest", &a, "--dest", &b])
+            .args(["--keep-last", "2"]);
+        common::run(c.arg("--backing").arg(&vol))
+    };
+    for n in 1..=4u8 {
+        if n > 1 {
+            // A change through the volume's tracker, as a device's write.
+            let cfg = TrackerConfig {
+                ring: vol.with_extension("fsring"),
+                ring_bytes: 64 << 20,
+                geometry: Geometry::default(),
+            };
+            let (t, _) = Tracker::open(&cfg, &vol, 4 << 20, 1).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+            t.write_volume(&f, (u64::from(n) - 1) << 20, &[n; 8192])
+                .unwrap();
+            images.push(std::fs::read(&vol).unwrap());
+        }
+        let text = backup();
+        assert!(text.contains(&format!("snapshot {n} uploaded")), "{text}");
+        if n == 3 {
+            assert!(
+                text.contains(&format!("volume v at {a}: 2 snapshots kept, 1 dropped")),
+                "{text}"
+            );
+        }
+    }
+    for d in [&a, &b] {
+        let listed = common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", d]));
+        let ids: Vec<&str> = listed
+            .lines()
+            .map(|l| l.split(' ').nth(1).unwrap_or(""))
+            .collect();
+        assert_eq!(ids, ["3", "4"], "{d}: {listed}");
+        for id in [3, 4] {
+            let to = dir.path().join(format!("r{id}"));
+            assert!(
+                restored(d, &id.to_string(), &to) == images[id - 1],
+                "snapshot {id} at {d}"
+            );
+            std::fs::remove_file(&to).unwrap();
+        }
+    }
+    let v = vol.display().to_string();
+    let e = one_line_error(&["backup", "--backing", &v, "--dest", &a, "--keep-last", "0"]);
+    assert!(e.contains("invalid count '0'"), "{e}");
+    let e = one_line_error(&["backup", "--backing", &v, "--keep-daily", "7"]);
+    assert!(e.contains("give a --dest"), "{e}");
+}

@@ -603,7 +603,7 @@ impl ChunkJob<'_> {
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dest::DirDestination;
     use crate::restore::restore_image;
@@ -618,7 +618,7 @@ mod tests {
 
     /// A `size`-byte volume file in `dir`, open for writing, with a new
     /// tracker (1 MiB ring, 4 KiB blocks, one queue) over it.
-    pub(super) fn tracked_volume(
+    pub(crate) fn tracked_volume(
         dir: &std::path::Path,
         size: u64,
     ) -> (Arc<Tracker>, std::fs::File, TrackerConfig) {

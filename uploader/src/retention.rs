@@ -81,8 +81,12 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::dest::{DestError, Destination, check_key};
+use crate::engine::UploadHealth;
 use crate::format::Keys;
 use crate::live::{LiveError, LiveIndex, journal_header, journal_id, seal, unseal};
 use crate::schedule::civil_from_days;
@@ -466,6 +470,69 @@ pub fn prune(
     Ok(report)
 }
 
+/// Applies `policy` at each of `members`, on its own, after the uploads
+/// that `health` reports (`serve --keep-*`), until `stop` is set: once a
+/// new snapshot is stored, if the last prune began `every` ago or more,
+/// so that a burst of snapshots costs one listing. A prune that fails is
+/// logged and tried again `every` later; what it deleted stays deleted
+/// and every snapshot listed stays whole ([`prune`]). A member's report
+/// goes to the log when it dropped or finished something.
+pub fn prune_after_uploads(
+    members: &[Arc<dyn Destination>],
+    keys: &Keys,
+    policy: &Retention,
+    health: &UploadHealth,
+    every: Duration,
+    stop: &AtomicBool,
+) {
+    const POLL: Duration = Duration::from_millis(100);
+    let mut done_after: Option<u32> = None;
+    let mut began: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(POLL);
+        let Some((newest, _)) = health.get().last_uploaded else {
+            continue;
+        };
+        if done_after == Some(newest) || began.is_some_and(|t| t.elapsed() < every) {
+            continue;
+        }
+        began = Some(Instant::now());
+        let mut failed = false;
+        for m in members {
+            let url = m.url();
+            match prune(m.as_ref(), keys, policy, false, |line| {
+                log::debug!("prune at {url}: {line}");
+            }) {
+                Ok(r) if r.dropped() > 0 || !r.resumed.is_empty() => log::info!(
+                    "prune of volume {} at {url}: {} snapshots kept, {} dropped, {} objects \
+                     deleted{}",
+                    keys.name(),
+                    r.kept(),
+                    r.dropped(),
+                    r.objects_deleted,
+                    if r.resumed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} interrupted prunes finished", r.resumed.len())
+                    }
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    failed = true;
+                    log::warn!(
+                        "prune of volume {} at {url} failed: {e}; trying again in {:.0} s",
+                        keys.name(),
+                        every.as_secs_f64()
+                    );
+                }
+            }
+        }
+        if !failed {
+            done_after = Some(newest);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
@@ -484,6 +551,64 @@ mod tests {
     /// 2024-01-01 00:00 UTC, a Monday.
     const T0: u64 = 1_704_067_200_000;
     const H: u64 = HOUR_MS;
+
+    /// `serve --keep-last 2`: while the uploader stores snapshot after
+    /// snapshot, the pruner runs after the uploads and the destination
+    /// ends with the 2 newest, each restoring to the volume at its close.
+    #[test]
+    fn prunes_after_the_uploads_of_a_served_volume() {
+        use crate::engine::{UploadHealth, Uploader};
+        let dir = tempfile::tempdir().unwrap();
+        let (t, vol, _) = crate::engine::tests::tracked_volume(dir.path(), MIB as u64);
+        let dest: Arc<dyn Destination> =
+            Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
+        let up = Uploader::new(t.clone(), dest.clone(), keys(), MIB as u32, Codec::None).unwrap();
+        let health = Arc::new(UploadHealth::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let uploader = {
+            let (h, stop) = (health.clone(), stop.clone());
+            std::thread::spawn(move || up.run_reporting(&stop, &h))
+        };
+        let pruner = {
+            let (h, stop, d) = (health.clone(), stop.clone(), dest.clone());
+            std::thread::spawn(move || {
+                prune_after_uploads(
+                    &[d],
+                    &keys(),
+                    &policy(2, 0, 0, 0),
+                    &h,
+                    Duration::ZERO,
+                    &stop,
+                );
+            })
+        };
+        let wait = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !done() {
+                assert!(Instant::now() < deadline, "never: {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let mut images = BTreeMap::new();
+        for id in 1..=6u32 {
+            let off = u64::from(id) * 3 * BS as u64;
+            t.write_volume(&vol, off, &[id as u8; 2 * BS]).unwrap();
+            t.close().unwrap();
+            images.insert(id, std::fs::read(dir.path().join("vol")).unwrap());
+            wait(&format!("snapshot {id} uploaded"), &|| {
+                health.get().last_uploaded.is_some_and(|(n, _)| n == id)
+            });
+        }
+        wait("only snapshots 5 and 6 left", &|| {
+            list_snapshots(dest.as_ref(), &keys()).unwrap() == [5, 6]
+        });
+        stop.store(true, Ordering::Relaxed);
+        uploader.join().unwrap();
+        pruner.join().unwrap();
+        for id in [5, 6] {
+            assert_restores(dest.as_ref(), id, &images[&id], dir.path());
+        }
+    }
 
     fn policy(last: u32, hourly: u32, daily: u32, weekly: u32) -> Retention {
         Retention {
