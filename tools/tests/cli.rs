@@ -583,6 +583,25 @@ fn backup_to(vol: &std::path::Path, dests: &[&str], policy: &str) -> String {
     common::run(c.arg("--backing").arg(vol))
 }
 
+/// `dest` lists exactly snapshots `ids` of volume `v`, and each restores
+/// to `images[id - 1]`.
+fn assert_holds(dest: &str, ids: &[usize], images: &[Vec<u8>], scratch: &std::path::Path) {
+    let listed = common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", dest]));
+    let listed_ids: Vec<usize> = listed
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(listed_ids, ids, "{dest}: {listed}");
+    for &id in ids {
+        let to = scratch.join(format!("r{id}"));
+        assert!(
+            restored(dest, &id.to_string(), &to) == images[id - 1],
+            "snapshot {id} at {dest}"
+        );
+        std::fs::remove_file(&to).unwrap();
+    }
+}
+
 /// Snapshot `id` of volume `v` restored from `dest` alone to `to`: its bytes.
 fn restored(dest: &str, id: &str, to: &std::path::Path) -> Vec<u8> {
     let args = ["restore", "--volume", "v", "--snapshot", id, "--dest", dest];
@@ -713,19 +732,7 @@ fn prune_keeps_what_the_rules_say_and_the_rest_goes() {
         "{text}"
     );
     assert_eq!(files().len(), before.len() - 6, "3 manifests and 3 objects");
-    let listed = common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a]));
-    let ids: Vec<&str> = listed
-        .lines()
-        .map(|l| l.split(' ').nth(1).unwrap_or(""))
-        .collect();
-    assert_eq!(ids, ["4", "5"], "{listed}");
-    for id in [4, 5] {
-        let to = dir.path().join(format!("r{id}"));
-        assert!(
-            restored(&a, &id.to_string(), &to) == images[id - 1],
-            "snapshot {id}"
-        );
-    }
+    assert_holds(&a, &[4, 5], &images, dir.path());
 
     let e = one_line_error(&["prune", "--dest", &a, "--volume", "v"]);
     assert!(
@@ -801,20 +808,7 @@ fn backup_with_a_rule_prunes_each_destination_after_its_upload() {
         }
     }
     for d in [&a, &b] {
-        let listed = common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", d]));
-        let ids: Vec<&str> = listed
-            .lines()
-            .map(|l| l.split(' ').nth(1).unwrap_or(""))
-            .collect();
-        assert_eq!(ids, ["3", "4"], "{d}: {listed}");
-        for id in [3, 4] {
-            let to = dir.path().join(format!("r{id}"));
-            assert!(
-                restored(d, &id.to_string(), &to) == images[id - 1],
-                "snapshot {id} at {d}"
-            );
-            std::fs::remove_file(&to).unwrap();
-        }
+        assert_holds(d, &[3, 4], &images, dir.path());
     }
     let v = vol.display().to_string();
     let e = one_line_error(&["backup", "--backing", &v, "--dest", &a, "--keep-last", "0"]);

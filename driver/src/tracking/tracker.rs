@@ -604,21 +604,7 @@ impl Tracker {
         // The ring is all free now: these appends find room (a volume too
         // large for the ring's slots overflows into the bitmap).
         let _ = self.ring.append(open, RecordKind::Release { below });
-        let end = self.volume_bytes.next_multiple_of(512);
-        let mut off = 0;
-        while off < end {
-            let len = (end - off).min(MAX_RECORD_LEN);
-            let kind = RecordKind::Write {
-                offset: off,
-                len: u32::try_from(len).unwrap_or(u32::MAX),
-                fua: false,
-                zeroing: false,
-            };
-            if self.ring.append(open, kind).is_err() {
-                self.overflow(open, off, len);
-            }
-            off += len;
-        }
+        self.record_written(open, 0, self.volume_bytes.next_multiple_of(512));
         self.ring.sync().map_err(TrackError::Sync)?;
         let degraded = self.degraded.load(Ordering::Acquire);
         if !degraded {
@@ -689,24 +675,30 @@ impl Tracker {
             let (first, last) = self.map.block_range(start, stop - start);
             self.map.set_recovered(first, last, BlockState::Dirty);
             blocks += last - first + 1;
-            let mut off = first * self.block_bytes;
             let stop = ((last + 1) * self.block_bytes).min(end.next_multiple_of(512));
-            while off < stop {
-                let len = (stop - off).min(MAX_RECORD_LEN);
-                let kind = RecordKind::Write {
-                    offset: off,
-                    len: u32::try_from(len).unwrap_or(u32::MAX),
-                    fua: false,
-                    zeroing: false,
-                };
-                if self.ring.append(epoch, kind).is_err() {
-                    self.overflow(epoch, off, len);
-                }
-                off += len;
-            }
+            self.record_written(epoch, first * self.block_bytes, stop);
         }
         self.ring.sync().map_err(TrackError::Sync)?;
         Ok(blocks)
+    }
+
+    /// Records bytes `off..stop` as written in `epoch`, in records of at
+    /// most [`MAX_RECORD_LEN`], overflowing into the bitmap where the ring
+    /// is full. Not synced.
+    fn record_written(&self, epoch: u32, mut off: u64, stop: u64) {
+        while off < stop {
+            let len = (stop - off).min(MAX_RECORD_LEN);
+            let kind = RecordKind::Write {
+                offset: off,
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                fua: false,
+                zeroing: false,
+            };
+            if self.ring.append(epoch, kind).is_err() {
+                self.overflow(epoch, off, len);
+            }
+            off += len;
+        }
     }
 
     /// The volume id recorded in the ring (random at its creation).
