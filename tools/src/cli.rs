@@ -42,7 +42,7 @@ pub enum Command {
     /// Show a serving device's tracking state: open epoch, snapshots
     /// awaiting upload, pending blocks, ring fill, copy-on-write use.
     #[command(after_help = "Examples:\n  foresnap status --control /run/foresnap/ublkb0.sock")]
-    Status(ControlArgs),
+    Status(StatusArgs),
     /// Export the write records of a ring file as a fio iolog (version 3),
     /// for replay by fio or by the upload simulator.
     #[command(after_help = "Examples:\n  \
@@ -498,6 +498,23 @@ pub struct ControlArgs {
     /// The daemon's control socket [default: the only one in /run/foresnap].
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The daemon's control socket [default: the only one in /run/foresnap].
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// Refresh every INTERVAL (a bare number is seconds; default 2 s)
+    /// until ^C; exits non-zero once the daemon stops answering.
+    #[arg(
+        long,
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = parse_interval_arg
+    )]
+    pub watch: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,6 +1,7 @@
 //! `foresnap serve`: one device in the foreground.
 
-use std::io::Write;
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use foresnap_uploader::link::TokenBucket;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::cli::{ControlArgs, ExportArgs, ServeArgs, TraceArgs};
+use crate::cli::{ControlArgs, ExportArgs, ServeArgs, StatusArgs, TraceArgs};
 use crate::control;
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
@@ -282,12 +283,54 @@ pub fn snapshot(args: &ControlArgs) -> anyhow::Result<()> {
 }
 
 /// `foresnap status`: the tracker's state, one line per item.
-pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let socket = control::resolve(args.control.as_deref())?;
-    let v = control::call(&socket, &control::Request::Status)?;
-    println!("open epoch        {}", v["open_epoch"]);
-    println!("pending blocks    {}", v["pending_blocks"]);
-    println!(
+    let Some(every) = args.watch else {
+        let v = control::call(&socket, &control::Request::Status)?;
+        let mut out = String::new();
+        render_status(&v, &mut out)?;
+        print!("{out}");
+        return Ok(());
+    };
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let v = control::call(&socket, &control::Request::Status)
+            .context("status --watch: the daemon stopped answering")?;
+        let mut out = String::new();
+        render_status(&v, &mut out)?;
+        let now = foresnap_uploader::retention::utc(wall_ms());
+        let mut stdout = std::io::stdout().lock();
+        if tty {
+            // Home and clear the screen: each refresh replaces the last.
+            write!(stdout, "\x1b[H\x1b[2J")?;
+        }
+        write!(
+            stdout,
+            "{} at {now} (every {:.1} s; ^C to stop)\n{out}",
+            socket.display(),
+            every.as_secs_f64()
+        )?;
+        if !tty {
+            writeln!(stdout)?;
+        }
+        stdout.flush()?;
+        drop(stdout);
+        std::thread::sleep(every);
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The text of `status` for the daemon's answer `v`.
+fn render_status(v: &serde_json::Value, out: &mut String) -> std::fmt::Result {
+    writeln!(out, "open epoch        {}", v["open_epoch"])?;
+    writeln!(out, "pending blocks    {}", v["pending_blocks"])?;
+    writeln!(
+        out,
         "ring fill         {:.1}%{}",
         v["ring_fill"].as_f64().unwrap_or(0.0) * 100.0,
         if v["degraded"] == serde_json::Value::Bool(true) {
@@ -295,18 +338,20 @@ pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
         } else {
             ""
         }
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "copy-on-write     {} blocks copied, {} preserve slots in use",
         v["cow_blocks"], v["preserve_slots_used"]
-    );
-    println!("deferred writes   {}", v["deferred_writes"]);
-    print_upload(&v["upload"]);
-    print_schedule(&v["schedule"]);
+    )?;
+    writeln!(out, "deferred writes   {}", v["deferred_writes"])?;
+    print_upload(&v["upload"], out)?;
+    print_schedule(&v["schedule"], out)?;
     let closed = v["closed"].as_array().cloned().unwrap_or_default();
-    println!("awaiting upload   {} snapshots", closed.len());
+    writeln!(out, "awaiting upload   {} snapshots", closed.len())?;
     for e in closed {
-        println!(
+        writeln!(
+            out,
             "  snapshot {}: {} blocks, {} preserved{}",
             e["snapshot"],
             e["blocks"],
@@ -316,78 +361,92 @@ pub fn status(args: &ControlArgs) -> anyhow::Result<()> {
             } else {
                 ""
             }
-        );
+        )?;
     }
     Ok(())
 }
 
 /// The uploader's standing in `status`: healthy (its last snapshot), or
 /// failing (since when, how often, why, and the next attempt).
-fn print_upload(u: &serde_json::Value) {
+fn print_upload(u: &serde_json::Value, out: &mut String) -> std::fmt::Result {
     if u.is_null() {
-        println!("upload            none (no --dest)");
-        return;
+        writeln!(out, "upload            none (no --dest)")?;
+        return Ok(());
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now = wall_ms();
     #[allow(clippy::cast_precision_loss)]
     let ago = |ms: &serde_json::Value| now.saturating_sub(ms.as_u64().unwrap_or(now)) as f64 / 1e3;
     let dest = u["dest"].as_str().unwrap_or("?");
     if let Some(since) = u.get("failing_since_ms").filter(|v| !v.is_null()) {
         #[allow(clippy::cast_precision_loss)]
         let next = u["retry_at_ms"].as_u64().unwrap_or(now).saturating_sub(now) as f64 / 1e3;
-        println!(
+        writeln!(
+            out,
             "upload            FAILING for {:.0} s ({} attempts) to {dest}: {}; next attempt in {next:.0} s",
             ago(since),
             u["failures"],
             u["last_error"].as_str().unwrap_or("?")
-        );
+        )?;
     } else if let Some(last) = u.get("last_uploaded").filter(|v| !v.is_null()) {
-        println!(
+        writeln!(
+            out,
             "upload            ok to {dest}: snapshot {} stored {:.1} s ago",
             last["snapshot"],
             ago(&last["at_ms"])
-        );
+        )?;
     } else {
-        println!("upload            ok to {dest}: nothing stored yet by this server");
+        writeln!(
+            out,
+            "upload            ok to {dest}: nothing stored yet by this server"
+        )?;
     }
+    Ok(())
 }
 
 /// The schedule part of `status`: the next close, the planner's view and
 /// the last snapshots' lag.
-fn print_schedule(s: &serde_json::Value) {
+fn print_schedule(s: &serde_json::Value, out: &mut String) -> std::fmt::Result {
     use foresnap_uploader::units::{format_bytes, format_rate};
     if s.is_null() {
-        println!("schedule          none (snapshots only by `foresnap snapshot`)");
-        return;
+        writeln!(
+            out,
+            "schedule          none (snapshots only by `foresnap snapshot`)"
+        )?;
+        return Ok(());
     }
     let secs = |v: &serde_json::Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.1} s"));
     let bytes = |v: &serde_json::Value| format_bytes(v.as_f64().unwrap_or(0.0));
     let p = &s["plan"];
     if let Some(ts) = p["ts_s"].as_f64() {
-        println!(
+        writeln!(
+            out,
             "next close        in {ts:.1} s (snapshot {})",
             p["open_epoch"]
-        );
+        )?;
     }
     if !p.is_null() {
-        println!(
+        writeln!(
+            out,
             "to upload (D)     {} ({} of the open snapshot, {} held back as hot)",
             bytes(&p["outstanding_bytes"]),
             bytes(&p["open_bytes"]),
             bytes(&p["hot_bytes"])
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "throughput (B)    {}",
             p["rate"]
                 .as_f64()
                 .map_or("not measured yet".to_owned(), format_rate)
-        );
+        )?;
         if p["started"] == serde_json::Value::Bool(true) {
-            println!("upload            started before the close");
+            writeln!(out, "upload            started before the close")?;
         } else {
-            println!("upload            starts in {}", secs(&p["start_in_s"]));
+            writeln!(
+                out,
+                "upload            starts in {}",
+                secs(&p["start_in_s"])
+            )?;
         }
         if let Some(lag) = p["predicted_lag_s"].as_f64() {
             let warn = if lag > 1.0 {
@@ -395,23 +454,26 @@ fn print_schedule(s: &serde_json::Value) {
             } else {
                 ""
             };
-            println!("predicted lag     {lag:.1} s after the close{warn}");
+            writeln!(out, "predicted lag     {lag:.1} s after the close{warn}")?;
         }
     }
-    println!(
+    writeln!(
+        out,
         "sent early        {} kept, {} voided by later writes",
         bytes(&s["sent_early"]),
         bytes(&s["voided"])
-    );
+    )?;
     for t in s["history"].as_array().into_iter().flatten() {
         let lag = (t["completed_ms"].as_f64().unwrap_or(0.0)
             - t["scheduled_ms"].as_f64().unwrap_or(0.0))
             / 1000.0;
-        println!(
+        writeln!(
+            out,
             "  snapshot {}: complete {lag:.2} s after its scheduled close",
             t["snapshot"]
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// `foresnap trace`: the ring's write records as a fio iolog.

@@ -816,3 +816,57 @@ fn backup_with_a_rule_prunes_each_destination_after_its_upload() {
     let e = one_line_error(&["backup", "--backing", &v, "--keep-daily", "7"]);
     assert!(e.contains("give a --dest"), "{e}");
 }
+
+/// `status --watch 0.2` against a stand-in for the daemon's control
+/// socket that answers three times and goes: three refreshes, each a
+/// whole status with the time, then one line on stderr and a non-zero
+/// exit.
+#[test]
+fn status_watch_refreshes_until_the_daemon_goes() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("d.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let path = sock.clone();
+    let daemon = std::thread::spawn(move || {
+        for epoch in 1..=3 {
+            let (conn, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&conn).read_line(&mut line).unwrap();
+            assert!(line.contains("status"), "{line}");
+            let answer = serde_json::json!({
+                "ok": true, "open_epoch": epoch, "pending_blocks": 10 * epoch,
+                "ring_fill": 0.25, "degraded": false, "cow_blocks": 0,
+                "preserve_slots_used": 0, "deferred_writes": 0,
+                "upload": null, "schedule": null, "closed": [],
+            });
+            writeln!(&conn, "{answer}").unwrap();
+        }
+        std::fs::remove_file(&path).unwrap();
+    });
+    let out = foresnap()
+        .args(["status", "--watch", "0.2", "--control"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    daemon.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}");
+    for epoch in 1..=3 {
+        assert!(
+            stdout.contains(&format!(
+                "open epoch        {epoch}\npending blocks    {}",
+                10 * epoch
+            )),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.matches(" UTC (every 0.2 s; ^C to stop)").count(),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("stopped answering"), "{stderr}");
+}
