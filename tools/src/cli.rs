@@ -28,7 +28,8 @@ pub enum Command {
     /// the foreground until SIGINT or SIGTERM, which remove the device.
     #[command(after_help = "Examples:\n  \
         foresnap serve --backing /var/lib/foresnap/db.img --size 64G\n  \
-        foresnap serve --backing /dev/nvme0n1p3 --queues 4 --depth 256\n\n\
+        foresnap serve --backing /dev/nvme0n1p3 --queues 4 --depth 256\n  \
+        foresnap serve --backing db.img --dest file:///backup --every 15m --keep-last 8 --keep-daily 7\n\n\
         If the server of device --id N was killed, serving the same backing with\n\
         the same --id re-attaches to the device; its I/O waits meanwhile.")]
     Serve(Box<ServeArgs>),
@@ -41,7 +42,9 @@ pub enum Command {
     Snapshot(ControlArgs),
     /// Show a serving device's tracking state: open epoch, snapshots
     /// awaiting upload, pending blocks, ring fill, copy-on-write use.
-    #[command(after_help = "Examples:\n  foresnap status --control /run/foresnap/ublkb0.sock")]
+    #[command(after_help = "Examples:\n  \
+        foresnap status --control /run/foresnap/ublkb0.sock\n  \
+        foresnap status --watch 5s")]
     Status(StatusArgs),
     /// Export the write records of a ring file as a fio iolog (version 3),
     /// for replay by fio or by the upload simulator.
@@ -102,7 +105,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         foresnap backup --backing /var/lib/foresnap/db.img --dest file:///backup --volume db\n  \
         foresnap backup --backing db.img --dest 's3://backups/prod?region=eu-west-1'\n  \
-        foresnap backup --backing db.img --dest s3://backups/prod --dest file:///mnt/copy --dest-policy mirror")]
+        foresnap backup --backing db.img --dest s3://backups/prod --dest file:///mnt/copy --dest-policy mirror\n  \
+        foresnap backup --backing db.img --dest file:///backup --keep-last 30")]
     Backup(BackupArgs),
     /// Write the content a snapshot awaiting upload had at its close, for
     /// its changed blocks, into a new sparse volume-sized file (the rest
