@@ -21,7 +21,7 @@ use std::time::Instant;
 use common::{Server, pattern, run, sha256};
 use foresnap_driver::tracking::Geometry;
 use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
-use foresnap_uploader::dest::Destination;
+use foresnap_uploader::dest::{DestError, Destination};
 use foresnap_uploader::format::{MAX_CHUNK_BYTES, Manifest, decode_object};
 use foresnap_uploader::s3::{S3Destination, S3Url};
 
@@ -48,15 +48,16 @@ struct Proxy {
 impl Proxy {
     /// The proxy of the soak-like test: 10% of requests, every kind.
     fn start(upstream: &str, dir: &Path) -> Proxy {
-        Proxy::start_with(upstream, dir, "0.1", &KINDS)
+        Proxy::start_with(upstream, dir, "0.1", &KINDS, &[])
     }
 
-    fn start_with(upstream: &str, dir: &Path, rate: &str, kinds: &[&str]) -> Proxy {
+    fn start_with(upstream: &str, dir: &Path, rate: &str, kinds: &[&str], extra: &[&str]) -> Proxy {
         let stats = dir.join("proxy-stats.json");
         let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_foresnap-fault-proxy"))
             .args(["--upstream", upstream, "--rate", rate, "--seed", "8"])
             .args(["--kinds", &kinds.join(",")])
+            .args(extra)
             .args(["--stall-ms", &STALL_MS.to_string(), "--latency-ms", "300"])
             .arg("--stats")
             .arg(&stats)
@@ -111,7 +112,7 @@ impl Drop for Proxy {
 fn damaged_put_bodies_are_refused_and_sent_again() {
     let s = Server::start("seaweedfs");
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start_with(s.var("S3_ENDPOINT"), dir.path(), "0.2", &["flip-put"]);
+    let proxy = Proxy::start_with(s.var("S3_ENDPOINT"), dir.path(), "0.2", &["flip-put"], &[]);
     let url = format!(
         "s3://{}/flipput?endpoint={}",
         s.var("S3_BUCKET"),
@@ -139,6 +140,65 @@ fn damaged_put_bodies_are_refused_and_sent_again() {
             "{key} differs at the server"
         );
     }
+}
+
+/// Multipart uploads whose parts and completions meet connection resets
+/// (half before the server sees the request, half after it answered: a
+/// lost answer, a completion applied unbeknown to the client). As the
+/// uploader does, a put that fails is put again; it ends stored, or
+/// found there (`AlreadyExists`), and the object at the server is always
+/// exactly the bytes put: no part is lost, none doubled. Half a minute:
+/// run by `scripts/torture`.
+#[test]
+#[ignore = "part of scripts/torture: cargo test --test faults -- --ignored"]
+fn multipart_uploads_survive_lost_answers() {
+    let s = Server::start("seaweedfs");
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_with(
+        s.var("S3_ENDPOINT"),
+        dir.path(),
+        "0.4",
+        &["reset"],
+        &["--only", "uploadId="],
+    );
+    let url = format!(
+        "s3://{}/multipart?endpoint={}",
+        s.var("S3_BUCKET"),
+        proxy.endpoint
+    );
+    let via = S3Destination::open_with(S3Url::parse(&url).unwrap(), Some(s.creds())).unwrap();
+    let direct = s.open("multipart");
+    let mut again = 0;
+    for i in 0..6u64 {
+        // 17 MiB and up: 3 parts, and the completion.
+        let body = pattern(17 * MIB + i * 4099, 40 + i);
+        let key = format!("big/{i}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match via.put(&key, &body) {
+                Ok(()) | Err(DestError::AlreadyExists { .. }) => break,
+                Err(e) => assert!(tries < 8, "{key}: {e}"),
+            }
+            again += 1;
+        }
+        assert!(
+            direct.get(&key).unwrap() == body,
+            "{key} differs at the server"
+        );
+    }
+    let stats = proxy.stop();
+    // The proxy's log: "fault-proxy: #N POST /B/K?uploadId=...: reset after ..."
+    let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap();
+    let lost_completions = log
+        .lines()
+        .filter(|l| l.contains(" POST ") && l.ends_with("reset after the server answered"))
+        .count();
+    eprintln!(
+        "multipart: {} resets, {} after the server answered ({lost_completions} of them \
+         completions); {again} puts made again",
+        stats["faults"]["reset"], stats["reset_after_forward"]
+    );
 }
 
 /// Writes `writes` random runs of 4-16 KiB into the volume through its

@@ -40,7 +40,8 @@
 //! stored as if whole.
 //!
 //! Requests are numbered as they arrive; the fault of request N depends
-//! only on `--seed` and N. Counts go to `--stats` as JSON every second and
+//! only on `--seed` and N. `--only TEXT` limits faults to the requests
+//! whose target contains TEXT. Counts go to `--stats` as JSON every second and
 //! on SIGTERM or SIGINT (then the proxy exits).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -114,6 +115,11 @@ struct Args {
     /// Seed of the fault sequence.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Faults only for requests whose target (path and query) contains
+    /// this, e.g. `uploadId=` for the parts and completion of multipart
+    /// uploads [default: every request].
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
     /// How long a `timeout` fault holds the connection before closing it.
     #[arg(long, default_value_t = 10_000)]
     stall_ms: u64,
@@ -182,6 +188,7 @@ struct Proxy {
     rate: f64,
     kinds: Vec<Kind>,
     seed: u64,
+    only: Option<String>,
     stall: Duration,
     latency: Duration,
     stats: Stats,
@@ -430,7 +437,10 @@ fn serve(p: &Proxy, client: TcpStream) -> io::Result<()> {
             && has_key
             && req.header("x-amz-copy-source").is_none()
             && req.content_length()?.is_some_and(|n| n >= 2);
-        let fault = p.draw(n, object_get, object_put);
+        let targeted = p.only.as_ref().is_none_or(|t| target.contains(t.as_str()));
+        let fault = targeted
+            .then(|| p.draw(n, object_get, object_put))
+            .flatten();
         let kind = fault.map(|f| f.kind);
         let bits = fault.map_or(0, |f| f.bits);
         let note = |what: &str| eprintln!("fault-proxy: #{n} {method} {target}: {what}");
@@ -574,6 +584,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             k
         },
         seed: args.seed,
+        only: args.only,
         stall: Duration::from_millis(args.stall_ms),
         latency: Duration::from_millis(args.latency_ms),
         stats: Stats::default(),
