@@ -149,6 +149,17 @@ fn answer(req: &Request, tracker: &Tracker, upload: Option<&UploadView>) -> Valu
                         "retry_at_ms": h.retry_at_ms,
                     })
                 }),
+                "prune": upload.and_then(|u| u.prune.as_ref()).map(|p| {
+                    let st = p.get();
+                    json!({
+                        "last_run_ms": st.last_run_ms,
+                        "after_snapshot": st.after_snapshot,
+                        "kept": st.kept,
+                        "dropped_total": st.dropped_total,
+                        "failing_since_ms": st.failing_since_ms,
+                        "last_error": st.last_error,
+                    })
+                }),
                 "closed": s.closed.iter().map(|e| json!({
                     "snapshot": e.epoch,
                     "blocks": e.blocks,

@@ -346,6 +346,7 @@ fn render_status(v: &serde_json::Value, out: &mut String) -> std::fmt::Result {
     )?;
     writeln!(out, "deferred writes   {}", v["deferred_writes"])?;
     print_upload(&v["upload"], out)?;
+    print_prune(&v["prune"], out)?;
     print_schedule(&v["schedule"], out)?;
     let closed = v["closed"].as_array().cloned().unwrap_or_default();
     writeln!(out, "awaiting upload   {} snapshots", closed.len())?;
@@ -401,6 +402,35 @@ fn print_upload(u: &serde_json::Value, out: &mut String) -> std::fmt::Result {
         )?;
     }
     Ok(())
+}
+
+/// The pruner's standing in `status` (`serve --keep-*`).
+fn print_prune(p: &serde_json::Value, out: &mut String) -> std::fmt::Result {
+    if p.is_null() {
+        return Ok(());
+    }
+    let now = wall_ms();
+    #[allow(clippy::cast_precision_loss)]
+    let ago = |ms: &serde_json::Value| now.saturating_sub(ms.as_u64().unwrap_or(now)) as f64 / 1e3;
+    if let Some(since) = p.get("failing_since_ms").filter(|v| !v.is_null()) {
+        writeln!(
+            out,
+            "prune             FAILING for {:.0} s: {}; tried again a minute after each try",
+            ago(since),
+            p["last_error"].as_str().unwrap_or("?")
+        )
+    } else if let Some(ran) = p.get("last_run_ms").filter(|v| !v.is_null()) {
+        writeln!(
+            out,
+            "prune             ok {:.0} s ago, after snapshot {}: {} kept, {} dropped since start",
+            ago(ran),
+            p["after_snapshot"],
+            p["kept"],
+            p["dropped_total"]
+        )
+    } else {
+        writeln!(out, "prune             after the first upload")
+    }
 }
 
 /// The schedule part of `status`: the next close, the planner's view and

@@ -20,7 +20,7 @@ use foresnap_uploader::plan::{PlanConfig, Planner};
 use foresnap_uploader::restore::{
     SnapshotError, list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
 };
-use foresnap_uploader::retention::{Retention, prune_after_uploads};
+use foresnap_uploader::retention::{PruneHealth, Retention, prune_after_uploads};
 use foresnap_uploader::s3::{S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
 
@@ -207,6 +207,8 @@ pub struct UploadView {
     /// With a schedule: the planner and the snapshots' lags.
     pub deadlines: Option<Arc<Deadlines>>,
     pub health: Arc<UploadHealth>,
+    /// With `--keep-*`: the pruner's standing.
+    pub prune: Option<Arc<PruneHealth>>,
 }
 
 impl UploadPlan {
@@ -277,6 +279,7 @@ impl UploadPlan {
             deadlines = Some(d);
         }
         let health = Arc::new(UploadHealth::default());
+        let mut prune = None;
         if let Some((policy, members)) = self.prune {
             log::info!(
                 "pruning volume {} at each destination after uploads ({policy:?}), at most \
@@ -285,12 +288,15 @@ impl UploadPlan {
                 PRUNE_EVERY.as_secs()
             );
             let (h, stop, keys) = (health.clone(), stop.clone(), self.keys.clone());
+            let standing = Arc::new(PruneHealth::default());
+            let st = standing.clone();
             std::thread::Builder::new()
                 .name("pruner".into())
                 .spawn(move || {
-                    prune_after_uploads(&members, &keys, &policy, &h, PRUNE_EVERY, &stop);
+                    prune_after_uploads(&members, &keys, &policy, &h, PRUNE_EVERY, &stop, &st);
                 })
                 .context("cannot start the pruner thread")?;
+            prune = Some(standing);
         }
         let h = health.clone();
         std::thread::Builder::new()
@@ -301,6 +307,7 @@ impl UploadPlan {
             dest: self.dest.url(),
             deadlines,
             health,
+            prune,
         })
     }
 }

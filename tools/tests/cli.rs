@@ -819,8 +819,8 @@ fn backup_with_a_rule_prunes_each_destination_after_its_upload() {
 
 /// `status --watch 0.2` against a stand-in for the daemon's control
 /// socket that answers three times and goes: three refreshes, each a
-/// whole status with the time, then one line on stderr and a non-zero
-/// exit.
+/// whole status with the time (the pruner's standing: none, ok, failing),
+/// then one line on stderr and a non-zero exit.
 #[test]
 fn status_watch_refreshes_until_the_daemon_goes() {
     use std::io::{BufRead, BufReader, Write};
@@ -834,7 +834,25 @@ fn status_watch_refreshes_until_the_daemon_goes() {
             let mut line = String::new();
             BufReader::new(&conn).read_line(&mut line).unwrap();
             assert!(line.contains("status"), "{line}");
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            let now_ms = u64::try_from(now_ms).unwrap();
+            let prune = match epoch {
+                1 => serde_json::Value::Null,
+                2 => serde_json::json!({
+                    "last_run_ms": now_ms - 5000, "after_snapshot": 7, "kept": 4,
+                    "dropped_total": 3, "failing_since_ms": null, "last_error": null,
+                }),
+                _ => serde_json::json!({
+                    "last_run_ms": now_ms, "after_snapshot": 7, "kept": 4,
+                    "dropped_total": 3, "failing_since_ms": now_ms - 60_000,
+                    "last_error": "file:///x: gone",
+                }),
+            };
             let answer = serde_json::json!({
+                "prune": prune,
                 "ok": true, "open_epoch": epoch, "pending_blocks": 10 * epoch,
                 "ring_fill": 0.25, "degraded": false, "cow_blocks": 0,
                 "preserve_slots_used": 0, "deferred_writes": 0,
@@ -865,6 +883,17 @@ fn status_watch_refreshes_until_the_daemon_goes() {
     assert_eq!(
         stdout.matches(" UTC (every 0.2 s; ^C to stop)").count(),
         3,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("\nprune ").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains(
+            "prune             ok 5 s ago, after snapshot 7: 4 kept, 3 dropped since start"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("prune             FAILING for 60 s: file:///x: gone;"),
         "{stdout}"
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

@@ -484,6 +484,7 @@ pub fn prune_after_uploads(
     health: &UploadHealth,
     every: Duration,
     stop: &AtomicBool,
+    standing: &PruneHealth,
 ) {
     const POLL: Duration = Duration::from_millis(100);
     let mut done_after: Option<u32> = None;
@@ -497,28 +498,32 @@ pub fn prune_after_uploads(
             continue;
         }
         began = Some(Instant::now());
-        let mut failed = false;
+        let mut failed = None;
+        let (mut kept, mut dropped) = (0, 0);
         for m in members {
             let url = m.url();
             match prune(m.as_ref(), keys, policy, false, |line| {
                 log::debug!("prune at {url}: {line}");
             }) {
-                Ok(r) if r.dropped() > 0 || !r.resumed.is_empty() => log::info!(
-                    "prune of volume {} at {url}: {} snapshots kept, {} dropped, {} objects \
+                Ok(r) if r.dropped() > 0 || !r.resumed.is_empty() => {
+                    (kept, dropped) = (kept + r.kept(), dropped + r.dropped());
+                    log::info!(
+                        "prune of volume {} at {url}: {} snapshots kept, {} dropped, {} objects \
                      deleted{}",
-                    keys.name(),
-                    r.kept(),
-                    r.dropped(),
-                    r.objects_deleted,
-                    if r.resumed.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", {} interrupted prunes finished", r.resumed.len())
-                    }
-                ),
-                Ok(_) => {}
+                        keys.name(),
+                        r.kept(),
+                        r.dropped(),
+                        r.objects_deleted,
+                        if r.resumed.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", {} interrupted prunes finished", r.resumed.len())
+                        }
+                    );
+                }
+                Ok(r) => kept += r.kept(),
                 Err(e) => {
-                    failed = true;
+                    failed = Some(format!("{url}: {e}"));
                     log::warn!(
                         "prune of volume {} at {url} failed: {e}; trying again in {:.0} s",
                         keys.name(),
@@ -527,9 +532,50 @@ pub fn prune_after_uploads(
                 }
             }
         }
-        if !failed {
+        let now = crate::engine::wall_ms();
+        let mut st = standing.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.last_run_ms = Some(now);
+        if let Some(e) = failed {
+            st.failing_since_ms.get_or_insert(now);
+            st.last_error = Some(e);
+        } else {
             done_after = Some(newest);
+            *st = PruneState {
+                last_run_ms: Some(now),
+                after_snapshot: Some(newest),
+                kept,
+                dropped_total: st.dropped_total + dropped,
+                ..PruneState::default()
+            };
         }
+    }
+}
+
+/// How the pruner of `serve --keep-*` stands, for `status`.
+#[derive(Debug, Default)]
+pub struct PruneHealth {
+    state: std::sync::Mutex<PruneState>,
+}
+
+/// A copy of [`PruneHealth`]'s state (times in ms since the Unix epoch).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PruneState {
+    /// When the last prune ran (all members), successful or not.
+    pub last_run_ms: Option<u64>,
+    /// The newest snapshot stored when the last successful prune began.
+    pub after_snapshot: Option<u32>,
+    /// Snapshots kept by the last successful prune, summed over members.
+    pub kept: usize,
+    /// Snapshots dropped since the daemon started, summed over members.
+    pub dropped_total: usize,
+    /// While failing: since when, and the last error.
+    pub failing_since_ms: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+impl PruneHealth {
+    pub fn get(&self) -> PruneState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -569,8 +615,10 @@ mod tests {
             let (h, stop) = (health.clone(), stop.clone());
             std::thread::spawn(move || up.run_reporting(&stop, &h))
         };
+        let standing = Arc::new(PruneHealth::default());
         let pruner = {
             let (h, stop, d) = (health.clone(), stop.clone(), dest.clone());
+            let standing = standing.clone();
             std::thread::spawn(move || {
                 prune_after_uploads(
                     &[d],
@@ -579,6 +627,7 @@ mod tests {
                     &h,
                     Duration::ZERO,
                     &stop,
+                    &standing,
                 );
             })
         };
@@ -602,9 +651,18 @@ mod tests {
         wait("only snapshots 5 and 6 left", &|| {
             list_snapshots(dest.as_ref(), &keys()).unwrap() == [5, 6]
         });
+        // (That listing may come from a prune that began before the
+        // uploader reported 6: the next one follows.)
+        wait("a prune after snapshot 6", &|| {
+            standing.get().after_snapshot == Some(6)
+        });
         stop.store(true, Ordering::Relaxed);
         uploader.join().unwrap();
         pruner.join().unwrap();
+        let st = standing.get();
+        assert_eq!((st.after_snapshot, st.kept), (Some(6), 2), "{st:?}");
+        assert_eq!(st.dropped_total, 4, "{st:?}");
+        assert_eq!(st.failing_since_ms, None, "{st:?}");
         for id in [5, 6] {
             assert_restores(dest.as_ref(), id, &images[&id], dir.path());
         }
