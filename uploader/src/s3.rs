@@ -36,8 +36,8 @@
 //!   check ([`Destination::get_valid`]): they are read again, with
 //!   backoff, and only bytes that fail every attempt are handed back, for
 //!   the check to report the object damaged.
-//! - A put's body is sent with its `Content-MD5` (every S3-compatible
-//!   server checks it): without it, bytes damaged on the way in were
+//! - A put's body is sent with its `Content-MD5` (S3 and SeaweedFS check
+//!   it; a server that does not is no worse off): without it, bytes damaged on the way in were
 //!   stored as the object, and the snapshot, complete by its manifest,
 //!   could not be restored (the SDK signs no payload hash over plain
 //!   HTTP either). A body refused as damaged (`BadDigest`) is sent again,
