@@ -29,6 +29,23 @@ pub enum DestError {
         key: String,
         why: String,
     },
+    /// An encrypted volume's object that does not authenticate
+    /// ([`crate::seal`]): reported like any damaged object.
+    #[error("{dest}: {key}: {why}")]
+    Damaged {
+        dest: String,
+        key: String,
+        why: String,
+    },
+    /// The volume key does not fit what is stored: another key's objects,
+    /// an unencrypted object in an encrypted volume, or no key for an
+    /// encrypted one ([`crate::seal`]). Nothing can be read: fatal.
+    #[error("{dest}: {key}: {why}")]
+    Key {
+        dest: String,
+        key: String,
+        why: String,
+    },
     // `error`, not `source`: the message includes it (no repeat in chains).
     #[error("{dest}: {op} {key}: {error}")]
     Io {

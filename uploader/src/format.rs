@@ -113,6 +113,20 @@ pub enum FormatError {
     },
     #[error("object payload does not decompress: {0}")]
     Decompress(String),
+    /// A sealed object read without the volume key ([`crate::seal`]).
+    #[error("{what} is encrypted ({info}): give the volume's key with --key-file or --key-env")]
+    Encrypted {
+        what: &'static str,
+        info: crate::seal::SealInfo,
+    },
+}
+
+/// [`FormatError::Encrypted`] if `bytes` are a sealed object.
+fn refuse_sealed(bytes: &[u8], what: &'static str) -> Result<(), FormatError> {
+    match crate::seal::seal_info(bytes) {
+        Some(info) => Err(FormatError::Encrypted { what, info }),
+        None => Ok(()),
+    }
 }
 
 /// The two kinds of data object.
@@ -321,6 +335,7 @@ pub fn encode_delta(
 pub fn decode_object(bytes: &[u8], max_chunk_bytes: u32) -> Result<Object, FormatError> {
     const WHAT: &str = "object";
     let bad = |why| FormatError::Inconsistent { what: WHAT, why };
+    refuse_sealed(bytes, WHAT)?;
     if bytes.len() < OBJECT_HEADER_BYTES {
         return Err(if bytes.starts_with(&OBJECT_MAGIC) || bytes.len() < 8 {
             FormatError::Truncated(WHAT)
@@ -510,6 +525,7 @@ impl Manifest {
     pub fn decode(bytes: &[u8]) -> Result<Manifest, FormatError> {
         const WHAT: &str = "manifest";
         let bad = |why| FormatError::Inconsistent { what: WHAT, why };
+        refuse_sealed(bytes, WHAT)?;
         if bytes.len() < 8 || bytes[..8] != MANIFEST_MAGIC {
             return Err(if bytes.len() < 8 {
                 FormatError::Truncated(WHAT)

@@ -20,6 +20,7 @@ pub mod retention;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod schedule;
+pub mod seal;
 pub mod simulate;
 pub mod tier;
 pub mod trace;

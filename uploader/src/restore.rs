@@ -700,6 +700,7 @@ pub fn verify_snapshots(
                 (bytes.len() as u64, what)
             }
             Err(DestError::NotFound { .. }) => (0, Some("missing".to_owned())),
+            Err(DestError::Damaged { why, .. }) => (0, Some(why)),
             Err(e) => return Err(e.into()),
         };
         let mut g = lock(&report);
