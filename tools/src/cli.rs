@@ -129,6 +129,56 @@ pub enum Command {
         at-close (start at the scheduled close: the baseline), eager (upload every write\n\
         at once), oracle (knows the future: a lower bound on the lag).")]
     Simulate(SimulateArgs),
+    /// Write a new random volume key to a file (64 hex digits, mode 0600;
+    /// an existing file is never replaced) and print its id. Give it to
+    /// `serve` or `backup` with --key-file to encrypt a new volume, and to
+    /// every command that reads the volume. Keep a copy in a safe place:
+    /// without it the snapshots cannot be restored.
+    #[command(after_help = "Examples:\n  \
+        foresnap keygen --out /etc/foresnap/db.key\n  \
+        foresnap backup --backing db.img --dest file:///backup --key-file /etc/foresnap/db.key\n  \
+        FORESNAP_KEY=$(cat db.key) foresnap restore --dest file:///backup --volume db \\\n      \
+        --key-env FORESNAP_KEY --to db.img")]
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// The key file to create.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// An encrypted volume's key (`--key-file`, `--key-env`).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Encryption")]
+pub struct KeyArgs {
+    /// The volume key, in a file only its owner can read (as `foresnap
+    /// keygen` writes it: 64 hex digits). With a key, every object and
+    /// manifest of the volume is encrypted and authenticated
+    /// (XChaCha20-Poly1305) before it leaves the host. A volume is
+    /// encrypted, or not, from its first snapshot on; a wrong key, or a key
+    /// for an unencrypted volume, is refused before anything is read.
+    #[arg(long, value_name = "FILE", conflicts_with = "key_env")]
+    pub key_file: Option<PathBuf>,
+    /// As --key-file, from the environment variable VAR (64 hex digits).
+    #[arg(long, value_name = "VAR")]
+    pub key_env: Option<String>,
+}
+
+impl KeyArgs {
+    /// The key given, loaded now (a missing or exposed file fails here).
+    pub fn load(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<foresnap_uploader::seal::VolumeKey>>> {
+        use foresnap_uploader::seal::VolumeKey;
+        let key = match (&self.key_file, &self.key_env) {
+            (Some(f), _) => VolumeKey::from_file(f)?,
+            (None, Some(v)) => VolumeKey::from_env(v)?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(std::sync::Arc::new(key)))
+    }
 }
 
 /// The upload policy of `simulate`: the planner's, or the oracle.
@@ -233,6 +283,8 @@ pub struct DestArgs {
     /// The volume's name there.
     #[arg(long, value_name = "NAME")]
     pub volume: String,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,6 +345,8 @@ pub struct TierArgs {
     /// SIGTERM [default: run once].
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval_arg)]
     pub watch: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -436,6 +490,8 @@ pub struct UploadArgs {
     // new snapshot is stored, at most once a minute.
     #[command(flatten)]
     pub keep: KeepArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 /// The volume's change tracking (`serve`, `backup`).

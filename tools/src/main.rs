@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         cli::Command::Prune(args) => prune::run(args),
         cli::Command::Backup(args) => upload::backup(args),
         cli::Command::Simulate(args) => simulate::run(args),
+        cli::Command::Keygen(args) => keygen(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,4 +65,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `foresnap keygen`.
+fn keygen(args: &cli::KeygenArgs) -> anyhow::Result<()> {
+    let id = foresnap_uploader::seal::VolumeKey::generate(&args.out)?;
+    println!(
+        "key {id} written to {} (keep a copy in a safe place: without it the volume's \
+         snapshots cannot be restored)",
+        args.out.display()
+    );
+    Ok(())
 }

@@ -18,7 +18,8 @@ pub fn run(args: &PruneArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
     // The argument group requires a rule.
     let policy = args.keep.retention().context("give a --keep-* rule")?;
-    apply(&open_all(&args.from.dest)?, &keys, &policy, args.dry_run)
+    let dests = open_all(&args.from.dest, &keys, args.from.key.load()?.as_ref())?;
+    apply(&dests, &keys, &policy, args.dry_run)
 }
 
 /// Prunes each of `dests` on its own (`prune`, and `backup --keep-*`).

@@ -37,8 +37,9 @@ pub fn parse_age(s: &str) -> Result<Duration, String> {
 /// `foresnap tier`.
 pub fn run(args: &TierArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&args.volume).map_err(anyhow::Error::msg)?;
-    let fast = open_dest(&args.fast).context("--fast")?;
-    let slow = open_dest(&args.slow).context("--slow")?;
+    let key = args.key.load()?;
+    let fast = open_dest(&args.fast, &keys, key.as_ref()).context("--fast")?;
+    let slow = open_dest(&args.slow, &keys, key.as_ref()).context("--slow")?;
     let Some(every) = args.watch else {
         return round(fast.as_ref(), slow.as_ref(), &keys, args.age).map_err(Into::into);
     };

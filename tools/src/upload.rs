@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use foresnap_driver::hydrate::{ChunkSource, Hydration};
 use foresnap_driver::tracking::Tracker;
 use foresnap_uploader::copies::Copies;
-use foresnap_uploader::dest::{Destination, DirDestination};
+use foresnap_uploader::dest::{DestError, Destination, DirDestination};
 use foresnap_uploader::engine::early::run_scheduler;
 use foresnap_uploader::engine::{Deadlines, Early, UploadHealth, UploadReport, Uploader};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
@@ -23,38 +23,55 @@ use foresnap_uploader::restore::{
 use foresnap_uploader::retention::{PruneHealth, Retention, prune_after_uploads};
 use foresnap_uploader::s3::{S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
+use foresnap_uploader::seal::{self, Sealed, VolumeKey};
 
 use crate::cli::{
     BackupArgs, DestArgs, DestPolicy, RestoreArgs, ScheduleArgs, Snapshot, UploadArgs, VerifyArgs,
 };
 
-/// Opens a destination from its URL.
-pub fn open_dest(url: &str) -> anyhow::Result<Arc<dyn Destination>> {
-    if let Some(path) = url.strip_prefix("file://") {
+/// Opens a destination from its URL for the volume `keys` names, and
+/// checks that `key` (or none) fits what the volume stores there
+/// ([`seal::check_volume`]); with a key, the volume's objects are sealed
+/// and opened on their way ([`Sealed`]).
+pub fn open_dest(
+    url: &str,
+    keys: &Keys,
+    key: Option<&Arc<VolumeKey>>,
+) -> anyhow::Result<Arc<dyn Destination>> {
+    let raw: Arc<dyn Destination> = if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             bail!("invalid destination {url:?}: file:// wants an absolute path, as file:///backup");
         }
-        return Ok(Arc::new(DirDestination::open(Path::new(path))?));
-    }
-    if url.starts_with("s3://") {
+        Arc::new(DirDestination::open(Path::new(path))?)
+    } else if url.starts_with("s3://") {
         let u = S3Url::parse(url).map_err(anyhow::Error::msg)?;
-        return Ok(Arc::new(S3Destination::open(u)?));
-    }
-    bail!(
-        "invalid destination {url:?}: use file:///PATH or s3://BUCKET/PREFIX?endpoint=URL&region=R"
-    )
+        Arc::new(S3Destination::open(u)?)
+    } else {
+        bail!(
+            "invalid destination {url:?}: use file:///PATH or s3://BUCKET/PREFIX?endpoint=URL&region=R"
+        )
+    };
+    seal::check_volume(raw.as_ref(), keys, key.map(Arc::as_ref))?;
+    Ok(match key {
+        Some(k) => Arc::new(Sealed::new(raw, k.clone())),
+        None => raw,
+    })
 }
 
-/// Opens each of `urls` (all of them now: a bad URL or unreachable store
-/// fails before anything runs).
-pub fn open_all(urls: &[String]) -> anyhow::Result<Vec<Arc<dyn Destination>>> {
+/// Opens each of `urls` (all of them now: a bad URL, an unreachable store
+/// or a key that does not fit fails before anything runs).
+pub fn open_all(
+    urls: &[String],
+    keys: &Keys,
+    key: Option<&Arc<VolumeKey>>,
+) -> anyhow::Result<Vec<Arc<dyn Destination>>> {
     let mut seen = std::collections::BTreeSet::new();
     urls.iter()
         .map(|u| {
             if !seen.insert(u.as_str()) {
                 bail!("destination {u:?} is given twice");
             }
-            open_dest(u)
+            open_dest(u, keys, key)
         })
         .collect()
 }
@@ -62,11 +79,15 @@ pub fn open_all(urls: &[String]) -> anyhow::Result<Vec<Arc<dyn Destination>>> {
 /// The `mirror` policy's destination: every member first holds the newest
 /// snapshot of the volume that any member holds, so that the next one,
 /// a delta over it, is complete at each.
-fn mirror(urls: &[String], keys: &Keys) -> anyhow::Result<Arc<dyn Destination>> {
+fn mirror(
+    urls: &[String],
+    keys: &Keys,
+    key: Option<&Arc<VolumeKey>>,
+) -> anyhow::Result<Arc<dyn Destination>> {
     if urls.len() < 2 {
         bail!("--dest-policy mirror needs two or more --dest");
     }
-    let copies = Copies::new(open_all(urls)?);
+    let copies = Copies::new(open_all(urls, keys, key)?);
     for (i, d) in copies.members().enumerate() {
         let url = d.url();
         let copied = copies
@@ -141,6 +162,8 @@ pub fn prepare(
         return Ok(None);
     };
     let keys = volume_keys(args.volume.as_deref(), backing)?;
+    let key = args.key.load()?;
+    let key = key.as_ref();
     let scheduled = match sched.and_then(|s| s.schedule().map(|sc| (s, sc))) {
         Some((s, schedule)) => Some(Scheduled {
             schedule: schedule.clone(),
@@ -159,14 +182,17 @@ pub fn prepare(
                     args.dest.len()
                 );
             }
-            open_dest(first)?
+            open_dest(first, &keys, key)?
         }
-        DestPolicy::Mirror => mirror(&args.dest, &keys)?,
+        DestPolicy::Mirror => mirror(&args.dest, &keys, key)?,
         DestPolicy::Alternate => {
             if args.dest.len() < 2 {
                 bail!("--dest-policy alternate needs two or more --dest");
             }
-            Arc::new(Copies::alternate(open_all(&args.dest)?, keys.clone()))
+            Arc::new(Copies::alternate(
+                open_all(&args.dest, &keys, key)?,
+                keys.clone(),
+            ))
         }
     };
     let link =
@@ -184,7 +210,7 @@ pub fn prepare(
         );
     }
     let prune = match args.keep.retention() {
-        Some(policy) => Some((policy, open_all(&args.dest)?)),
+        Some(policy) => Some((policy, open_all(&args.dest, &keys, key)?)),
         None => None,
     };
     Ok(Some(UploadPlan {
@@ -391,7 +417,7 @@ fn print_report(out: &mut impl Write, r: &UploadReport, url: &str) -> std::io::R
 /// invariant 4) and where it is not.
 pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&args.volume).map_err(anyhow::Error::msg)?;
-    let members = open_all(&args.dest)?;
+    let members = open_all(&args.dest, &keys, args.key.load()?.as_ref())?;
     let mut at: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
     let mut unreachable = Vec::new();
     for (i, d) in members.iter().enumerate() {
@@ -478,6 +504,7 @@ fn manifest_damage(e: &SnapshotError) -> Option<(&str, String)> {
     match e {
         SnapshotError::Format { key, error } => Some((key, error.to_string())),
         SnapshotError::Mismatch { key, why } => Some((key, why.clone())),
+        SnapshotError::Dest(DestError::Damaged { key, why, .. }) => Some((key, why.clone())),
         _ => None,
     }
 }
@@ -497,13 +524,13 @@ fn pick(dest: &dyn Destination, keys: &Keys, which: Snapshot) -> anyhow::Result<
 /// `foresnap restore`: from the one destination, or from copies at
 /// several (reads fail over and spread; the figures per copy at the end).
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
-    let members = open_all(&args.from.dest)?;
+    let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
+    let members = open_all(&args.from.dest, &keys, args.from.key.load()?.as_ref())?;
     let copies = (members.len() > 1).then(|| Arc::new(Copies::new(members.clone())));
     let dest: Arc<dyn Destination> = match &copies {
         Some(c) => c.clone(),
         None => members[0].clone(),
     };
-    let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
     let m = pick(dest.as_ref(), &keys, args.snapshot)?;
     if args.lazy {
         return restore_lazy(args, dest, keys, m);
@@ -656,7 +683,7 @@ fn restore_lazy(
 /// copy is damage even when another copy is good).
 pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
-    let members = open_all(&args.from.dest)?;
+    let members = open_all(&args.from.dest, &keys, args.from.key.load()?.as_ref())?;
     let mut bad = Vec::new();
     for d in &members {
         match verify_at(d.as_ref(), &keys, args) {
