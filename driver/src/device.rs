@@ -21,6 +21,7 @@ use crate::backing::Backing;
 use crate::config::{BlockSize, DeviceConfig};
 use crate::error::{DeviceError, Error};
 use crate::hydrate::Hydration;
+use crate::metrics::IoMetrics;
 use crate::queue::serve_queue;
 use crate::tracking::Geometry;
 use crate::tracking::tracker::{RecoveryReport, Tracker, TrackerConfig};
@@ -256,7 +257,7 @@ pub fn serve<R>(cfg: &DeviceConfig, shutdown: &Shutdown, on_ready: R) -> Result<
 where
     R: FnOnce(&DeviceInfo) + Send + Sync + 'static,
 {
-    serve_with(cfg, shutdown, None, on_ready)
+    serve_with(cfg, shutdown, None, None, on_ready)
 }
 
 /// A lazily restored volume for [`serve_with`]: its chunks, and the start
@@ -278,11 +279,13 @@ impl std::fmt::Debug for LazyVolume {
 }
 
 /// [`serve`] over a volume being restored lazily (`lazy`): every request
-/// waits for the chunks it touches to be there. Needs tracking.
+/// waits for the chunks it touches to be there. Needs tracking. With
+/// `metrics`, every request is timed and counted there.
 pub fn serve_with<R>(
     cfg: &DeviceConfig,
     shutdown: &Shutdown,
     lazy: Option<LazyVolume>,
+    metrics: Option<Arc<IoMetrics>>,
     on_ready: R,
 ) -> Result<StopReason, Error>
 where
@@ -382,6 +385,7 @@ where
             zero_range,
             queue_tracker.as_deref(),
             hydration.as_deref(),
+            metrics.as_deref(),
         );
         queue_shutdown.trigger(StopReason::QueueExited);
     };

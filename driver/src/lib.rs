@@ -18,6 +18,7 @@ pub mod crashpoint;
 pub mod device;
 pub mod error;
 pub mod hydrate;
+pub mod metrics;
 pub mod queue;
 pub mod request;
 mod sync;

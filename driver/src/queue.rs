@@ -11,6 +11,9 @@
 //! the kernel, and a request that cannot even be submitted to io_uring is
 //! completed with `-EIO` rather than dropped.
 
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
 use io_uring::{opcode, squeue, types};
 use libublk::BufDesc;
 use libublk::UblkIORes;
@@ -18,6 +21,7 @@ use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 
 use crate::hydrate::{Hydration, Readiness};
+use crate::metrics::{IoMetrics, OpClass, QueueStats};
 use crate::request::{Op, Request, completion_result, decode, fallocate_mode};
 use crate::tracking::{Begin, Tracker};
 
@@ -259,6 +263,10 @@ struct QueueState<'b> {
     /// may still complete into it after this state is gone. Freed memory
     /// there corrupted the heap (glibc: "unaligned tcache chunk detected").
     waker_buf: &'static mut u64,
+    /// With metrics on: this queue's stats, and when each tag's command
+    /// arrived (empty with metrics off: nothing is timed).
+    metrics: Option<Arc<Mutex<QueueStats>>>,
+    arrived: Vec<Option<Instant>>,
 }
 
 impl QueueState<'_> {
@@ -292,6 +300,9 @@ impl QueueState<'_> {
                 }
             }
         } else {
+            if let Some(at) = self.arrived.get_mut(t) {
+                *at = Some(Instant::now());
+            }
             let iod = q.get_iod(tag);
             match decode(
                 iod.op_flags,
@@ -391,11 +402,25 @@ impl QueueState<'_> {
             }
             Action::Complete(res) => res,
         };
-        if let Some(p) = self.tags[t].take()
+        let done = self.tags[t].take();
+        if let Some(p) = &done
             && let Some(tr) = self.tracker
             && is_tracked_write(p.req.op).is_some()
         {
             tr.end_write(self.qid, p.req.offset, p.req.len);
+        }
+        if let Some(m) = &self.metrics
+            && let Some(at) = self.arrived.get_mut(t).and_then(Option::take)
+        {
+            let (class, len) = done.as_ref().map_or((OpClass::Invalid, 0), |p| {
+                (OpClass::of(p.req.op), p.req.len)
+            });
+            m.lock().unwrap_or_else(PoisonError::into_inner).record(
+                class,
+                len,
+                at.elapsed(),
+                res >= 0,
+            );
         }
         if let Err(e) = q.complete_io_cmd_unified(
             tag,
@@ -416,6 +441,7 @@ pub(crate) fn serve_queue(
     zero_range: bool,
     tracker: Option<&Tracker>,
     hydration: Option<&Hydration>,
+    metrics: Option<&IoMetrics>,
 ) {
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
@@ -443,6 +469,12 @@ pub(crate) fn serve_queue(
         hydration,
         deferred: Vec::with_capacity(if tracker.is_some() { depth } else { 0 }),
         waker_buf: Box::leak(Box::new(0)),
+        metrics: metrics.map(IoMetrics::queue),
+        arrived: if metrics.is_some() {
+            vec![None; depth]
+        } else {
+            Vec::new()
+        },
     };
     state.arm_waker(&queue);
     queue.wait_and_handle_io(|q, tag, io| state.handle(q, tag, io));
