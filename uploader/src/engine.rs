@@ -94,6 +94,40 @@ pub enum UploadError {
     },
 }
 
+impl UploadError {
+    /// A short class for counting failures (metrics): `remote` (the store
+    /// answered with an error or could not be reached), `io` (a local
+    /// destination), `missing`, `damaged` (a stored object or manifest),
+    /// `key`, `conflict` (what is stored differs from what is expected),
+    /// `volume` (reading or tracking the volume here), `config`.
+    pub fn class(&self) -> &'static str {
+        fn dest(e: &DestError) -> &'static str {
+            match e {
+                DestError::Remote { .. } => "remote",
+                DestError::Io { .. } => "io",
+                DestError::NotFound { .. } => "missing",
+                DestError::Damaged { .. } => "damaged",
+                DestError::Key { .. } => "key",
+                DestError::AlreadyExists { .. } => "conflict",
+                _ => "config",
+            }
+        }
+        match self {
+            UploadError::Dest(e) | UploadError::Snapshot(SnapshotError::Dest(e)) => dest(e),
+            UploadError::Snapshot(SnapshotError::Format { .. }) => "damaged",
+            UploadError::Snapshot(SnapshotError::Mismatch { .. }) => "conflict",
+            UploadError::Snapshot(_)
+            | UploadError::Read(_)
+            | UploadError::ReadOpen(_)
+            | UploadError::Track(_)
+            | UploadError::Worker(_) => "volume",
+            UploadError::Memory { .. }
+            | UploadError::Geometry { .. }
+            | UploadError::OtherVolume { .. } => "config",
+        }
+    }
+}
+
 /// What one snapshot upload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadReport {
@@ -390,7 +424,7 @@ impl Uploader {
             match step {
                 Ok(Some(r)) => {
                     backoff = Duration::from_millis(500);
-                    health.succeeded(r.snapshot);
+                    health.succeeded(&r);
                     log::info!(
                         "snapshot {} uploaded to {}: {} blocks, {} objects stored ({} found already there, {} chains compacted), {} bytes, {:.1} s",
                         r.snapshot,
@@ -410,7 +444,7 @@ impl Uploader {
                         self.dest.url(),
                         backoff.as_secs_f64()
                     );
-                    health.failed(e.to_string(), backoff);
+                    health.failed(e.class(), e.to_string(), backoff);
                     let until = Instant::now() + backoff;
                     while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(50));
@@ -442,6 +476,20 @@ pub struct HealthState {
     pub last_error: Option<String>,
     /// When the next attempt is due, while failing.
     pub retry_at_ms: Option<u64>,
+    /// Since the start: snapshots stored, and their objects and bytes (the
+    /// parts stored before a close are counted by
+    /// [`early::Deadlines::early_bytes`]).
+    pub totals: UploadTotals,
+}
+
+/// Counters of an uploader since its start (for metrics).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UploadTotals {
+    pub snapshots: u64,
+    pub objects: u64,
+    pub bytes: u64,
+    /// Failed attempts by class ([`UploadError::class`]).
+    pub failures: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl UploadHealth {
@@ -449,16 +497,22 @@ impl UploadHealth {
         lock(&self.state).clone()
     }
 
-    fn succeeded(&self, snapshot: u32) {
+    fn succeeded(&self, r: &UploadReport) {
         let mut st = lock(&self.state);
+        let mut totals = std::mem::take(&mut st.totals);
+        totals.snapshots += 1;
+        totals.objects += r.objects_stored;
+        totals.bytes += r.bytes_sent;
         *st = HealthState {
-            last_uploaded: Some((snapshot, wall_ms())),
+            last_uploaded: Some((r.snapshot, wall_ms())),
+            totals,
             ..HealthState::default()
         };
     }
 
-    fn failed(&self, error: String, retry_in: Duration) {
+    fn failed(&self, class: &'static str, error: String, retry_in: Duration) {
         let mut st = lock(&self.state);
+        *st.totals.failures.entry(class).or_default() += 1;
         let now = wall_ms();
         st.failing_since_ms.get_or_insert(now);
         st.failures += 1;
