@@ -621,6 +621,12 @@ pub struct ServeArgs {
     /// Serve without change tracking (no ring, no snapshots).
     #[arg(long, conflicts_with_all = ["ring", "control", "dest"])]
     pub no_tracking: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics, on the loopback
+    /// interface only (as 127.0.0.1:9477): I/O latency histograms, IOPS,
+    /// errors, tracking, uploads, collisions avoided, bytes held back as
+    /// hot, snapshot lag [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     #[command(flatten)]
     pub upload: UploadArgs,
     #[command(flatten)]

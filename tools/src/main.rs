@@ -2,6 +2,7 @@
 
 mod cli;
 mod control;
+mod metrics;
 mod prune;
 mod serve;
 mod simulate;

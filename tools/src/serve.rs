@@ -22,7 +22,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     foresnap_driver::device::check(&cfg)?;
     // The destination too: a bad URL or name fails before any device.
     let upload = crate::upload::prepare(&args.upload, Some(&args.sched), &args.backing)?;
-    serve_device(&cfg, upload, args.control.clone(), None)
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
+    serve_device(&cfg, upload, args.control.clone(), None, metrics)
 }
 
 /// A lazily restored volume's hydration, for [`serve_device`].
@@ -43,7 +48,12 @@ pub fn serve_device(
     upload: Option<crate::upload::UploadPlan>,
     control_arg: Option<std::path::PathBuf>,
     lazy: Option<Lazy>,
+    metrics: Option<std::net::TcpListener>,
 ) -> anyhow::Result<()> {
+    let io = metrics
+        .as_ref()
+        .map(|_| Arc::new(foresnap_driver::metrics::IoMetrics::new()));
+    let io_sources = io.clone();
     let upload_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let uploader_stop = upload_stop.clone();
 
@@ -76,7 +86,12 @@ pub fn serve_device(
             Ok(())
         }),
     });
-    let result = foresnap_driver::serve_with(cfg, &shutdown, lazy, move |info| {
+    let result = foresnap_driver::serve_with(cfg, &shutdown, lazy, io, move |info| {
+        let mut sources = io_sources.map(|io| crate::metrics::Sources {
+            io,
+            tracker: None,
+            upload: None,
+        });
         if let Some((tracker, report)) = &info.tracker {
             let view = match upload.map(|plan| plan.start(tracker.clone(), uploader_stop)) {
                 Some(Ok(v)) => Some(v),
@@ -87,6 +102,10 @@ pub fn serve_device(
                 }
                 None => None,
             };
+            if let Some(s) = &mut sources {
+                s.tracker = Some(tracker.clone());
+                s.upload.clone_from(&view);
+            }
             let path = control_arg.unwrap_or_else(|| control::default_socket(info.id));
             if let Err(e) = control::serve(&path, tracker.clone(), view) {
                 // No control path means no snapshots: do not serve a
@@ -121,6 +140,13 @@ pub fn serve_device(
                     report.existing_blocks
                 );
             }
+        }
+        if let (Some(listener), Some(sources)) = (metrics, sources)
+            && let Err(e) = crate::metrics::start(listener, sources)
+        {
+            eprintln!("foresnap: {e:#}");
+            ready_shutdown.trigger(StopReason::QueueExited);
+            return;
         }
         let mut out = std::io::stdout().lock();
         // The one line scripts wait for; flushed at once because stdout

@@ -227,7 +227,7 @@ pub fn prepare(
 }
 
 /// The uploader of a served volume, as `status` sees it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct UploadView {
     pub dest: String,
     /// With a schedule: the planner and the snapshots' lags.
@@ -676,7 +676,7 @@ fn restore_lazy(
         workers: args.workers,
         cap: args.hydrate_cap,
     };
-    crate::serve::serve_device(&cfg, None, args.control.clone(), Some(lazy))
+    crate::serve::serve_device(&cfg, None, args.control.clone(), Some(lazy), None)
 }
 
 /// `foresnap verify`: every copy, each on its own (a damaged object at one

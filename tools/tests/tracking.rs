@@ -521,3 +521,124 @@ fn scheduled_snapshots_upload_before_their_close() {
     }
     assert_no_ublk_devices();
 }
+
+/// `GET path` from the metrics endpoint at `port`: the status line and
+/// the body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    write!(c, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The value of the sample `name{labels}` (exactly so) in `text`; 0 if
+/// absent (a counter not yet incremented).
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `serve --metrics`: every request the device completes is counted and
+/// timed by class, overwrites within an epoch are counted as collisions
+/// avoided, and the upload's snapshots and bytes show once it is done.
+/// Deltas across known `dd` runs, so the kernel's own reads do not count.
+#[test]
+#[ignore = "needs ublk: scripts/test runs it in the VM test bed"]
+fn metrics_count_requests_collisions_and_uploads() {
+    require_ublk();
+    let dir = scratch();
+    let img = dir.path().join("vol.img");
+    let dest = format!("file://{}", dir.path().join("dest").display());
+    let sock = dir.path().join("ctl.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = Daemon::start(&[
+        "--backing",
+        img.to_str().unwrap(),
+        "--size",
+        "32M",
+        "--control",
+        sock.to_str().unwrap(),
+        "--dest",
+        &dest,
+        "--volume",
+        "m",
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let dev = d.dev.display().to_string();
+    let (status, before) = http_get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let w = "foresnap_io_requests_total{op=\"write\"}";
+    let r = "foresnap_io_requests_total{op=\"read\"}";
+    let wb = "foresnap_io_bytes_total{op=\"write\"}";
+    let col = "foresnap_collisions_avoided_total";
+    // 256 writes of 4 KiB, the same blocks again, then 128 reads.
+    sh(&format!(
+        "dd if=/dev/urandom of={dev} bs=4k count=256 oflag=direct status=none && \
+         dd if=/dev/urandom of={dev} bs=4k count=256 oflag=direct status=none && \
+         dd if={dev} of=/dev/null bs=4k count=128 skip=1000 iflag=direct status=none"
+    ));
+    let (_, after) = http_get(port, "/metrics");
+    let delta = |s: &str| metric(&after, s) - metric(&before, s);
+    assert_eq!(delta(w), 512.0, "{after}");
+    assert_eq!(delta(wb), 512.0 * 4096.0);
+    // (Others may read the device too: udev, on a host that runs it.)
+    assert!(delta(r) >= 128.0, "{after}");
+    assert_eq!(delta(col), 256.0, "{after}");
+    assert_eq!(
+        metric(&after, "foresnap_io_errors_total{op=\"write\"}"),
+        0.0
+    );
+    // The histogram holds every request: its +Inf bucket is the count.
+    let inf = "foresnap_io_latency_seconds_bucket{op=\"write\",le=\"+Inf\"}";
+    assert_eq!(
+        metric(&after, inf),
+        metric(&after, "foresnap_io_latency_seconds_count{op=\"write\"}")
+    );
+    assert_eq!(metric(&after, inf), metric(&after, w));
+    assert!(
+        metric(&after, "foresnap_pending_blocks") >= 256.0,
+        "{after}"
+    );
+
+    assert_eq!(snapshot(&sock), 1);
+    wait_listed(&dest, "m", 1, &[]);
+    let up = |t: &str| {
+        metric(
+            t,
+            &format!("foresnap_upload_snapshots_total{{dest=\"{dest}\"}}"),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (_, t) = http_get(port, "/metrics");
+        if up(&t) >= 1.0 || std::time::Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(up(&done), 1.0, "{done}");
+    let bytes = metric(
+        &done,
+        &format!("foresnap_upload_bytes_total{{dest=\"{dest}\"}}"),
+    );
+    assert!(bytes >= 1024.0 * 1024.0, "{done}");
+    assert!(done.contains(&format!(
+        "foresnap_last_uploaded_snapshot{{dest=\"{dest}\"}} 1"
+    )));
+    let (status, _) = http_get(port, "/nothing");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    d.stop();
+    assert_no_ublk_devices();
+}
