@@ -12,7 +12,9 @@ const OBJECT: usize = 4 << 20;
 
 fn seal(c: &mut Criterion) {
     let key = VolumeKey::from_bytes(&[0x5a; 32]);
-    let plain: Vec<u8> = (0..OBJECT).map(|i| ((i * 31) >> 7).to_le_bytes()[0]).collect();
+    let plain: Vec<u8> = (0..OBJECT)
+        .map(|i| ((i * 31) >> 7).to_le_bytes()[0])
+        .collect();
     let sealed = key.seal("v/objects/000000000000/0000000001.chunk", &plain);
     let mut g = c.benchmark_group("seal");
     g.throughput(Throughput::Bytes(OBJECT as u64));

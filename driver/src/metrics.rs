@@ -6,7 +6,8 @@
 //! errors. Each queue records into stats of its own behind a mutex that
 //! only a scrape contends for, and only for the time of a copy: a request
 //! costs two clock reads and one uncontended lock, and nothing at all with
-//! metrics off (`cargo bench --bench io_metrics` measures it).
+//! metrics off (`scripts/bench-device --systems foresnap,foresnap-metrics`
+//! measures it on the device).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
