@@ -382,7 +382,19 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
         "foresnap: closed snapshot {} ({} changed blocks)",
         closed.epoch, closed.blocks
     );
-    let mut up = plan.uploader(tracker.clone())?;
+    type Bar = Box<dyn FnMut(u64, u64) + Send>;
+    let mut up = plan.uploader(tracker.clone())?.with_progress({
+        let mut bar: Option<(u32, Bar)> = None;
+        move |snapshot, done, total| {
+            if bar.as_ref().is_none_or(|(s, _)| *s != snapshot) {
+                let f = progress(format!("uploading snapshot {snapshot} (tracking blocks)"));
+                bar = Some((snapshot, Box::new(f)));
+            }
+            if let Some((_, f)) = &mut bar {
+                f(done, total);
+            }
+        }
+    });
     eprintln!("foresnap: {}", plan.describe(&up));
     let mut out = std::io::stdout().lock();
     while let Some(r) = up.upload_next()? {

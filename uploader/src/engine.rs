@@ -19,7 +19,7 @@
 //! acknowledged.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -158,6 +158,21 @@ pub struct Uploader {
     parts: BTreeMap<u32, BTreeMap<u64, Vec<Part>>>,
     /// Predictive upload of the open epoch, if configured.
     early: Option<Early>,
+    /// Told `(snapshot, blocks stored, blocks)` of the snapshot being
+    /// uploaded after each chunk ([`Uploader::with_progress`]).
+    progress: Option<Progress>,
+}
+
+/// `(snapshot, blocks done, blocks)`.
+type ProgressFn = dyn FnMut(u32, u64, u64) + Send;
+
+/// An upload's progress callback.
+struct Progress(Mutex<Box<ProgressFn>>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
 }
 
 /// A part of an epoch, stored before its close and acknowledged: which
@@ -251,7 +266,16 @@ impl Uploader {
             workers: 1,
             parts: BTreeMap::new(),
             early: None,
+            progress: None,
         })
+    }
+
+    /// Calls `f(snapshot, blocks done, blocks)` after each chunk of a
+    /// snapshot's upload (from the workers, one call at a time): for a
+    /// progress bar of a long upload, such as a volume's first, full one.
+    pub fn with_progress(mut self, f: impl FnMut(u32, u64, u64) + Send + 'static) -> Self {
+        self.progress = Some(Progress(Mutex::new(Box::new(f))));
+        self
     }
 
     /// Uploads the open epoch before its close as `early` plans it.
@@ -357,6 +381,8 @@ impl Uploader {
             parts: self.parts.get(&epoch).unwrap_or(&no_parts),
         };
         let queue = Mutex::new(changed.blocks().peekable());
+        let (done, total) = (AtomicU64::new(0), changed.len());
+        let progress = self.progress.as_ref();
         pool(
             self.workers,
             base.chunk_bytes as usize,
@@ -368,6 +394,12 @@ impl Uploader {
             |(chunk, present), buf| {
                 job.upload(chunk, &present, buf)?;
                 crashpoint::hit("object");
+                if let Some(p) = progress {
+                    let n = present.len() as u64;
+                    let mut f = lock(&p.0);
+                    // Under the lock: the counts reach `f` in order.
+                    f(epoch, done.fetch_add(n, Ordering::Relaxed) + n, total);
+                }
                 Ok(())
             },
         )?;
