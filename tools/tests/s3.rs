@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Server, pattern, run};
+use common::{Server, foresnap, pattern, run};
 use foresnap_driver::tracking::Geometry;
 use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
 use foresnap_uploader::copies::Copies;
@@ -228,10 +228,15 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
     std::fs::write(&vp, &image).unwrap();
     let url = s.url("killed");
     let d = s.open("killed");
+    // Encrypted: a resumed upload takes over sealed objects.
+    let key = dir.path().join("key");
+    run(foresnap().arg("keygen").arg("--out").arg(&key));
+    let key = key.to_str().unwrap();
     let backup = || {
         let mut c = s.foresnap();
         c.args(["backup", "--volume", "kv", "--chunk-size", "1M"])
-            .args(["--upload-workers", "1", "--dest", &url, "--backing"])
+            .args(["--upload-workers", "1", "--dest", &url, "--key-file", key])
+            .arg("--backing")
             .arg(&vp);
         c
     };
@@ -258,9 +263,15 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
         d.list("kv/manifests/").unwrap().is_empty(),
         "a half snapshot is listed"
     );
-    let listed = run(s
-        .foresnap()
-        .args(["snapshots", "--volume", "kv", "--dest", &url]));
+    let listed = run(s.foresnap().args([
+        "snapshots",
+        "--volume",
+        "kv",
+        "--dest",
+        &url,
+        "--key-file",
+        key,
+    ]));
     assert!(listed.is_empty(), "{listed}");
 
     let text = run(&mut backup());
@@ -276,12 +287,29 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
     run(s
         .foresnap()
         .args(["restore", "--volume", "kv", "--snapshot", "latest"])
-        .args(["--dest", &url, "--to"])
+        .args(["--dest", &url, "--key-file", key, "--to"])
         .arg(&restored));
     assert!(std::fs::read(&restored).unwrap() == image);
-    run(s
-        .foresnap()
-        .args(["verify", "--volume", "kv", "--dest", &url]));
+    run(s.foresnap().args([
+        "verify",
+        "--volume",
+        "kv",
+        "--dest",
+        &url,
+        "--key-file",
+        key,
+    ]));
+    // Nothing at the server is in the clear.
+    let sample = &image[4096..4096 + 64];
+    for k in d.list("kv/").unwrap() {
+        let b = d.get(&k).unwrap();
+        assert!(b.starts_with(b"FSNPSEAL"), "{}: {k} is not sealed", s.kind);
+        assert!(
+            !b.windows(64).any(|w| w == sample),
+            "{}: plaintext in {k}",
+            s.kind
+        );
+    }
 }
 
 /// Scheduled snapshots with predictive upload on the real clock, through
