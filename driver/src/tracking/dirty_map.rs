@@ -22,7 +22,8 @@
 //! - a write (queue thread), [`DirtyMap::start_write`]: `Clean`,
 //!   `Uploaded`, `Dirty` → `Dirty`; `Closed` blocks are left alone and
 //!   handed back: the caller preserves them and calls
-//!   [`DirtyMap::preserved`], `Closed` → `Dirty`, before issuing its data;
+//!   [`DirtyMap::preserved`], `Closed` (or whatever the block became
+//!   since) → `Dirty`, before issuing its data;
 //! - the close of an epoch, [`DirtyMap::close_epoch`], while the caller
 //!   holds writes back: `Dirty` → `Closed`, `Uploaded` → `Clean`;
 //! - the uploader: [`DirtyMap::ack_open`] `Dirty` → `Uploaded` for content
@@ -55,6 +56,10 @@
 //!    that it is still `Closed` afterwards: if so, the writer had not yet
 //!    issued its data (it does so only after `preserved`), so the read saw
 //!    the closed content; if not, it reads the preserve area instead.
+//!    The uploader may also acknowledge the block (`Closed` → `Clean`, its
+//!    closed content stored) between the writer's `start_write` and its
+//!    preserve step: nothing is left to copy, and `preserved` still marks
+//!    the block `Dirty`, so the write is not lost to the open epoch.
 //! 3. *The close.* The caller of [`DirtyMap::close_epoch`] guarantees that
 //!    no write is between `start_write` and `write_done` and that none
 //!    starts until it returns (the epoch switch holds new writes back), so
@@ -372,15 +377,15 @@ impl DirtyMap {
     }
 
     /// I/O path: `block`'s closed content is preserved (durably, and
-    /// findable by the uploader); the write that found it `Closed` may
-    /// proceed. `Closed` → `Dirty`.
+    /// findable by the uploader), or no longer needed; the write that found
+    /// it `Closed` may proceed. → `Dirty`, from any state: since
+    /// [`DirtyMap::start_write`] found it `Closed`, another writer may have
+    /// preserved it (`Dirty`, and maybe `Uploaded` since), or the uploader
+    /// acknowledged its closed content ([`DirtyMap::ack_closed`]: `Clean`);
+    /// either way this write changes it in the open epoch.
     pub fn preserved(&self, block: u64) {
         let (w, _) = locate(block);
-        let old = self.update_word(w, block, block, |s| if s == 1 { 3 } else { s });
-        debug_assert_eq!(
-            BlockState::from_bits(old >> locate(block).1),
-            BlockState::Closed
-        );
+        self.update_word(w, block, block, |_| 3);
         self.count_heat(block, 1, 0);
     }
 

@@ -852,7 +852,9 @@ impl Tracker {
         let mut done: Vec<(usize, u64, u32)> = Vec::with_capacity(blocks.len());
         for &b in blocks {
             if self.map.state(b) != BlockState::Closed {
-                continue; // another writer preserved it meanwhile
+                // Another writer preserved it meanwhile, or the uploader
+                // acknowledged it (its closed content is stored): no copy.
+                continue;
             }
             let Some(i) = st.owner(b) else {
                 log::error!("block {b} is closed but no closed epoch has it");
@@ -910,10 +912,11 @@ impl Tracker {
         }
         self.cow_blocks
             .fetch_add(done.len() as u64, Ordering::Relaxed);
+        // Every one of them Dirty, as `start_write` marks the blocks it does
+        // not find Closed: also one acknowledged since it found it Closed,
+        // or this write would be missing from the open epoch.
         for &b in blocks {
-            if self.map.state(b) == BlockState::Closed {
-                self.map.preserved(b);
-            }
+            self.map.preserved(b);
         }
     }
 
@@ -1313,6 +1316,32 @@ mod tests {
         assert_eq!(closed_value(&t, 2, 1).unwrap().0, 200);
         assert_eq!(closed_value(&t, 3, 2).unwrap().0, 301);
         assert_eq!(t.open_epoch(), 4);
+    }
+
+    /// A write finds a block `Closed`, and the closed epoch's upload
+    /// acknowledges the block before the write's copy-on-write takes the
+    /// lock (the epoch's last acks, while the device is written): the copy
+    /// is skipped, but the write is still a change of the open epoch.
+    #[test]
+    fn a_write_that_races_the_ack_of_its_closed_block_is_tracked() {
+        let bed = Bed::new(1 << 20);
+        let (t, _) = bed.open();
+        bed.write(&t, 3, 1, 100);
+        let e = t.close().unwrap().epoch;
+        // `begin_write` in two halves, the upload's end between them.
+        let mut cow = Vec::new();
+        t.map.start_write(3 * BS, BS, &mut cow);
+        assert_eq!(cow, [3]);
+        t.ack_closed(e, 3);
+        t.finish_epoch(e).unwrap();
+        t.preserve(&cow);
+        bed.volume.write_all_at(&stamp(200), 3 * BS).unwrap();
+        t.map.write_done(3 * BS, BS);
+        assert_eq!(t.map.state(3), BlockState::Dirty);
+        let c = t.close().unwrap();
+        assert_eq!(c.blocks, 1, "the write after the ack was not tracked");
+        assert!(t.changed_blocks(c.epoch).unwrap().contains(3));
+        assert_eq!(closed_value(&t, c.epoch, 3).unwrap().0, 200);
     }
 
     #[test]
