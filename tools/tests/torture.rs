@@ -17,17 +17,31 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
     Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh, wait_listed,
 };
+use foresnap_uploader::link::MIN_BURST_BYTES;
 
 /// Where each trial's crash lands, in turn.
 const PHASES: [&str; 6] = ["writes", "close", "cow", "object", "manifest", "ack"];
 const VOLUME: &str = "tv";
+/// The crash matrix's device, MiB.
+const MATRIX_MIB: u64 = 24;
+/// The `cow` trial's region, written whole just before its close and the
+/// only place its writes after the close go: every one of them overwrites
+/// a block of the closed epoch. Bigger than the cap's burst by 4 MiB, so
+/// that the closed epoch's upload lasts seconds (2 s at 2 MiB/s) after the
+/// close: an epoch of fio's 3 MiB alone fits in the burst saved while the
+/// device was written, and is stored before any write can follow.
+const COW_REGION: u64 = MIN_BURST_BYTES + (4 << 20);
+/// fio's block, and the one block the `cow` trial overwrites first.
+const BLOCK: u64 = 4096;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -46,8 +60,10 @@ fn next(rng: &mut u64) -> u64 {
 
 /// fio writing 4 KiB blocks at random (each at most once per run) and
 /// then reading every one back against its checksum; fails on any
-/// mismatch.
-fn fio(dev: &str, seed: u64) -> Child {
+/// mismatch. `within`: only in these bytes (offset, length), else
+/// anywhere on the device.
+fn fio(dev: &str, seed: u64, within: Option<(u64, u64)>) -> Child {
+    let region = within.map(|(o, l)| [format!("--offset={o}"), format!("--size={l}")]);
     Command::new("fio")
         .args([
             "--name=torture",
@@ -66,6 +82,7 @@ fn fio(dev: &str, seed: u64) -> Child {
             &format!("--randseed={}", seed % (1 << 31)),
             "--output=/dev/null",
         ])
+        .args(region.iter().flatten())
         .spawn()
         .expect("fio")
 }
@@ -158,7 +175,8 @@ impl Bed {
             "--chunk-size",
             "1M",
             // Slow enough that writes overwrite blocks of a snapshot still
-            // uploading (copy-on-write) and that uploads span the kills.
+            // uploading (copy-on-write) and that uploads span the kills,
+            // past the burst the cap allows after idle time (COW_REGION).
             "--upload-cap",
             "2MiB/s",
         ]
@@ -215,7 +233,7 @@ fn crash_matrix_loses_no_snapshot() {
     let trials: u32 = env_or("FORESNAP_CRASH_TRIALS", 6);
     let mut rng: u64 = env_or("FORESNAP_CRASH_SEED", 0x7027_42e5_eed5);
     eprintln!("crash matrix: {trials} trials, seed {rng}");
-    let bed = Bed::new("24M", "13");
+    let bed = Bed::new(&format!("{MATRIX_MIB}M"), "13");
     let (d, img, sock, dest) = (bed.dir.path(), &bed.img, &bed.sock, &bed.dest);
     let phase_of = |t: u32| PHASES[t as usize % PHASES.len()];
     let mut daemon = bed.start_armed(phase_of(0), &mut rng);
@@ -232,9 +250,20 @@ fn crash_matrix_loses_no_snapshot() {
         // this trial does next.
         bed.set_gate(true);
         fio_ok(
-            fio(&dev, next(&mut rng)),
+            fio(&dev, next(&mut rng), None),
             &format!("trial {trial} before the close"),
         );
+        // The cow trial: its region in the closed epoch, and its writes
+        // after the close there alone (COW_REGION).
+        let region = (phase == "cow").then(|| {
+            let mib = COW_REGION >> 20;
+            let at = next(&mut rng) % (MATRIX_MIB - mib + 1);
+            sh(&format!(
+                "dd if=/dev/urandom of={dev} bs=1M seek={at} count={mib} iflag=fullblock \
+                 oflag=direct conv=fsync status=none"
+            ));
+            (at << 20, COW_REGION)
+        });
         // The device is quiet: the backing is the content at this close,
         // copied first so that the writes can follow the close at once
         // (while it uploads: copy-on-write).
@@ -250,9 +279,16 @@ fn crash_matrix_loses_no_snapshot() {
             None => assert_eq!(phase, "close", "trial {trial}: snapshot failed"),
         }
         let dead = daemon.wait_exit(Duration::ZERO).is_some();
-        let writer = (!dead).then(|| fio(&dev, next(&mut rng)));
+        // The cow trial overwrites the region's first block at once, from
+        // this process: fio may take seconds to start in the emulated VM,
+        // longer than the upload. fio writes the rest of the region.
+        let first = region
+            .filter(|_| !dead)
+            .map(|(at, _)| overwrite_block(&dev, at, next(&mut rng)));
+        let rest = region.map(|(at, len)| (at + BLOCK, len - BLOCK));
+        let writer = (!dead).then(|| fio(&dev, next(&mut rng), rest));
         let how = if dead {
-            phase
+            died_at(&daemon, phase)
         } else {
             let_it_die(daemon, phase, 200, &mut rng)
         };
@@ -263,6 +299,10 @@ fn crash_matrix_loses_no_snapshot() {
         assert_eq!(daemon.dev.display().to_string(), dev, "not re-attached");
         if let Some(w) = writer {
             fio_ok(w, &format!("trial {trial} across the crash ({how})"));
+        }
+        if let Some(f) = first {
+            let done = f.join().expect("the first write's thread");
+            done.unwrap_or_else(|e| panic!("trial {trial}: the first write after the close: {e}"));
         }
         if phase == "close" && !images.contains_key(&before) {
             // The close record was written before the kill, so it is
@@ -319,11 +359,44 @@ fn let_it_die(mut daemon: Daemon, phase: &'static str, min_ms: u64, rng: &mut u6
         daemon.kill9();
         "writes"
     } else if daemon.wait_exit(Duration::from_secs(20)).is_some() {
-        phase
+        died_at(&daemon, phase)
     } else {
         daemon.kill9();
         "writes-unreached"
     }
+}
+
+/// Overwrites the block of `dev` at `offset` with bytes from `seed`, in a
+/// thread (the write waits out a crash and restart of the daemon), with
+/// O_DIRECT: it reaches the daemon at once.
+fn overwrite_block(dev: &str, offset: u64, seed: u64) -> JoinHandle<std::io::Result<()>> {
+    /// One `BLOCK`, aligned as O_DIRECT wants.
+    #[repr(C, align(4096))]
+    struct Block([u8; 4096]);
+    let mut block = Box::new(Block([0; 4096]));
+    let mut rng = seed | 1;
+    for word in block.0.chunks_exact_mut(8) {
+        word.copy_from_slice(&next(&mut rng).to_le_bytes());
+    }
+    let dev = dev.to_owned();
+    std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dev)?;
+        f.write_all_at(&block.0, offset)
+    })
+}
+
+/// `phase`, for a daemon that ended by itself, once its last words say it
+/// was killed at its armed point in `phase`, not by anything else.
+fn died_at(daemon: &Daemon, phase: &'static str) -> &'static str {
+    let said = daemon.wait_for_line(&format!("crash point {phase}:"), Duration::from_secs(10));
+    assert!(
+        said.is_some(),
+        "the daemon died, but not at its crash point {phase}"
+    );
+    phase
 }
 
 /// Where the ext4 trials' crashes land, in turn.
