@@ -562,6 +562,21 @@ fn tier_moves_old_snapshots_to_the_slow_destination() {
     assert!(e.contains("invalid interval '0'"), "{e}");
 }
 
+/// Writes `data` at `offset` of the 4 MiB volume `vol` through its tracker
+/// (its ring beside it), as a device's write: the next backup sees it.
+fn tracked_write(vol: &std::path::Path, offset: u64, data: &[u8]) {
+    use foresnap_driver::tracking::Geometry;
+    use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
+    let cfg = TrackerConfig {
+        ring: vol.with_extension("fsring"),
+        ring_bytes: 64 << 20,
+        geometry: Geometry::default(),
+    };
+    let (t, _) = Tracker::open(&cfg, vol, 4 << 20, 1).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(vol).unwrap();
+    t.write_volume(&f, offset, data).unwrap();
+}
+
 /// A `mib` MiB image of pseudo-random bytes (`mul` varies it) at `path`.
 fn write_image(path: &std::path::Path, mib: u32, mul: u32) -> Vec<u8> {
     let image: Vec<u8> = (0..mib << 20)
@@ -770,8 +785,6 @@ fn prune_keeps_what_the_rules_say_and_the_rest_goes() {
 /// their backups; a rule of 0 is refused before anything runs.
 #[test]
 fn backup_with_a_rule_prunes_each_destination_after_its_upload() {
-    use foresnap_driver::tracking::Geometry;
-    use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
     let dir = tempfile::tempdir().unwrap();
     let vol = dir.path().join("vol");
     let mut images = vec![write_image(&vol, 4, 7)];
@@ -786,16 +799,7 @@ fn backup_with_a_rule_prunes_each_destination_after_its_upload() {
     };
     for n in 1..=4u8 {
         if n > 1 {
-            // A change through the volume's tracker, as a device's write.
-            let cfg = TrackerConfig {
-                ring: vol.with_extension("fsring"),
-                ring_bytes: 64 << 20,
-                geometry: Geometry::default(),
-            };
-            let (t, _) = Tracker::open(&cfg, &vol, 4 << 20, 1).unwrap();
-            let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
-            t.write_volume(&f, (u64::from(n) - 1) << 20, &[n; 8192])
-                .unwrap();
+            tracked_write(&vol, (u64::from(n) - 1) << 20, &[n; 8192]);
             images.push(std::fs::read(&vol).unwrap());
         }
         let text = backup();
@@ -942,8 +946,6 @@ fn files_holding(root: &std::path::Path, pattern: &[u8]) -> Vec<std::path::PathB
 /// `verify` and never restored.
 #[test]
 fn encrypted_snapshots_round_trip_and_store_no_plaintext() {
-    use foresnap_driver::tracking::Geometry;
-    use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
     let dir = tempfile::tempdir().unwrap();
     let path = |n: &str| dir.path().join(n);
     let url = |n: &str| format!("file://{}", path(n).display());
@@ -972,18 +974,10 @@ fn encrypted_snapshots_round_trip_and_store_no_plaintext() {
         common::run(c.arg("--backing").arg(&vol))
     };
     backup();
-    // A change through the volume's tracker: snapshot 2 stores a delta.
-    let cfg = TrackerConfig {
-        ring: vol.with_extension("fsring"),
-        ring_bytes: 64 << 20,
-        geometry: Geometry::default(),
-    };
-    let (t, _) = Tracker::open(&cfg, &vol, 4 << 20, 1).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+    // Snapshot 2 stores a delta.
     let mut change = MARKER.repeat(8192 / MARKER.len());
     change.resize(8192, b'!');
-    t.write_volume(&f, 3 << 20, &change).unwrap();
-    drop((t, f));
+    tracked_write(&vol, 3 << 20, &change);
     images.push(std::fs::read(&vol).unwrap());
     let text = backup();
     assert!(text.contains("snapshot 2 uploaded"), "{text}");

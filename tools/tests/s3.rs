@@ -263,15 +263,13 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
         d.list("kv/manifests/").unwrap().is_empty(),
         "a half snapshot is listed"
     );
-    let listed = run(s.foresnap().args([
-        "snapshots",
-        "--volume",
-        "kv",
-        "--dest",
-        &url,
-        "--key-file",
-        key,
-    ]));
+    // A command on the encrypted volume.
+    let on_kv = |cmd: &str| {
+        let mut c = s.foresnap();
+        c.args([cmd, "--volume", "kv", "--dest", &url, "--key-file", key]);
+        c
+    };
+    let listed = run(&mut on_kv("snapshots"));
     assert!(listed.is_empty(), "{listed}");
 
     let text = run(&mut backup());
@@ -284,21 +282,11 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
     assert!(reused >= stored as u64 - 1, "{text}");
 
     let restored = dir.path().join("restored");
-    run(s
-        .foresnap()
-        .args(["restore", "--volume", "kv", "--snapshot", "latest"])
-        .args(["--dest", &url, "--key-file", key, "--to"])
+    run(on_kv("restore")
+        .args(["--snapshot", "latest", "--to"])
         .arg(&restored));
     assert!(std::fs::read(&restored).unwrap() == image);
-    run(s.foresnap().args([
-        "verify",
-        "--volume",
-        "kv",
-        "--dest",
-        &url,
-        "--key-file",
-        key,
-    ]));
+    run(&mut on_kv("verify"));
     // Nothing at the server is in the clear.
     let sample = &image[4096..4096 + 64];
     for k in d.list("kv/").unwrap() {
