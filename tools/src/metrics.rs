@@ -139,6 +139,19 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// A family of one sample.
+fn single(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    labels: &str,
+    v: impl std::fmt::Display,
+) {
+    family(out, name, kind, help);
+    sample(out, name, labels, v);
+}
+
 fn sample(out: &mut String, name: &str, labels: &str, v: impl std::fmt::Display) {
     if labels.is_empty() {
         let _ = writeln!(out, "{name} {v}");
@@ -278,8 +291,7 @@ fn render_tracker(o: &mut String, t: &Tracker, collisions: &mut Collisions) {
         ),
     ];
     for (name, help, v) in gauges {
-        family(o, name, "gauge", help);
-        sample(o, name, "", v);
+        single(o, name, "gauge", help, "", v);
     }
     let counters: [(&str, &str, u64); 3] = [
         (
@@ -299,8 +311,7 @@ fn render_tracker(o: &mut String, t: &Tracker, collisions: &mut Collisions) {
         ),
     ];
     for (name, help, v) in counters {
-        family(o, name, "counter", help);
-        sample(o, name, "", v);
+        single(o, name, "counter", help, "", v);
     }
 }
 
@@ -312,32 +323,30 @@ fn to_f(v: u64) -> f64 {
 fn render_upload(o: &mut String, u: &UploadView) {
     let h = u.health.get();
     let dest = format!("dest=\"{}\"", escape(&u.dest));
-    family(
+    single(
         o,
         "foresnap_upload_snapshots_total",
         "counter",
         "Snapshots stored complete at the destination by this daemon.",
-    );
-    sample(
-        o,
-        "foresnap_upload_snapshots_total",
         &dest,
         h.totals.snapshots,
     );
-    family(
+    single(
         o,
         "foresnap_upload_objects_total",
         "counter",
         "Objects stored at the close (parts stored before it are not counted).",
+        &dest,
+        h.totals.objects,
     );
-    sample(o, "foresnap_upload_objects_total", &dest, h.totals.objects);
-    family(
+    single(
         o,
         "foresnap_upload_bytes_total",
         "counter",
         "Bytes sent at and after the close (see foresnap_upload_early_bytes_total for before).",
+        &dest,
+        h.totals.bytes,
     );
-    sample(o, "foresnap_upload_bytes_total", &dest, h.totals.bytes);
     family(
         o,
         "foresnap_upload_failures_total",
@@ -352,57 +361,47 @@ fn render_upload(o: &mut String, u: &UploadView) {
             n,
         );
     }
-    family(
+    single(
         o,
         "foresnap_upload_failing",
         "gauge",
         "1 while uploads fail (retried with backoff).",
-    );
-    sample(
-        o,
-        "foresnap_upload_failing",
         &dest,
         u8::from(h.failing_since_ms.is_some()),
     );
     if let Some((id, ms)) = h.last_uploaded {
-        family(
+        single(
             o,
             "foresnap_last_uploaded_snapshot",
             "gauge",
             "The newest snapshot this daemon stored.",
+            &dest,
+            id,
         );
-        sample(o, "foresnap_last_uploaded_snapshot", &dest, id);
-        family(
+        single(
             o,
             "foresnap_last_upload_timestamp_seconds",
             "gauge",
             "When it was stored (Unix time).",
-        );
-        sample(
-            o,
-            "foresnap_last_upload_timestamp_seconds",
             &dest,
             to_f(ms) / 1e3,
         );
     }
     if let Some(p) = &u.prune {
         let st = p.get();
-        family(
+        single(
             o,
             "foresnap_prune_dropped_total",
             "counter",
             "Snapshots deleted by the retention rules since the start.",
+            "",
+            st.dropped_total,
         );
-        sample(o, "foresnap_prune_dropped_total", "", st.dropped_total);
-        family(
+        single(
             o,
             "foresnap_prune_failing",
             "gauge",
             "1 while pruning fails.",
-        );
-        sample(
-            o,
-            "foresnap_prune_failing",
             "",
             u8::from(st.failing_since_ms.is_some()),
         );
@@ -411,25 +410,26 @@ fn render_upload(o: &mut String, u: &UploadView) {
         return;
     };
     let (early, voided) = d.early_bytes();
-    family(
+    single(
         o,
         "foresnap_upload_early_bytes_total",
         "counter",
         "Bytes stored before their snapshot's close and kept.",
+        &dest,
+        early,
     );
-    sample(o, "foresnap_upload_early_bytes_total", &dest, early);
-    family(
+    single(
         o,
         "foresnap_upload_voided_bytes_total",
         "counter",
         "Bytes stored before the close and voided by a later write (collisions not avoided).",
+        &dest,
+        voided,
     );
-    sample(o, "foresnap_upload_voided_bytes_total", &dest, voided);
     if let Some(p) = d.plan() {
         let mut g = |name: &str, help: &str, v: Option<f64>| {
             if let Some(v) = v {
-                family(o, name, "gauge", help);
-                sample(o, name, "", v);
+                single(o, name, "gauge", help, "", v);
             }
         };
         g(
@@ -464,15 +464,11 @@ fn render_upload(o: &mut String, u: &UploadView) {
         );
     }
     if let Some(last) = d.history().last() {
-        family(
+        single(
             o,
             "foresnap_snapshot_lag_seconds",
             "gauge",
             "The last scheduled snapshot's completion after its scheduled close.",
-        );
-        sample(
-            o,
-            "foresnap_snapshot_lag_seconds",
             &format!("snapshot=\"{}\"", last.snapshot),
             (to_f(last.completed_ms) - to_f(last.scheduled_ms)) / 1e3,
         );
