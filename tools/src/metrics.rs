@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use foresnap_driver::metrics::IoMetrics;
+use foresnap_driver::metrics::{ClassStats, IoMetrics};
 use foresnap_driver::tracking::Tracker;
 
 use crate::upload::UploadView;
@@ -177,32 +177,29 @@ fn render(src: &Sources, collisions: &mut Collisions) -> String {
 fn render_io(o: &mut String, io: &IoMetrics) {
     let totals = io.totals();
     let op = |c: foresnap_driver::metrics::OpClass| format!("op=\"{}\"", c.name());
-    family(
-        o,
-        "foresnap_io_requests_total",
-        "counter",
-        "Requests completed by the device.",
-    );
-    for (c, s) in &totals {
-        sample(o, "foresnap_io_requests_total", &op(*c), s.latency_us.len());
-    }
-    family(
-        o,
-        "foresnap_io_bytes_total",
-        "counter",
-        "Bytes of the requests completed without error.",
-    );
-    for (c, s) in &totals {
-        sample(o, "foresnap_io_bytes_total", &op(*c), s.bytes);
-    }
-    family(
-        o,
-        "foresnap_io_errors_total",
-        "counter",
-        "Requests completed with an errno (EIO from the backing store, invalid requests).",
-    );
-    for (c, s) in &totals {
-        sample(o, "foresnap_io_errors_total", &op(*c), s.errors);
+    type Count = fn(&ClassStats) -> u64;
+    let counters: [(&str, &str, Count); 3] = [
+        (
+            "foresnap_io_requests_total",
+            "Requests completed by the device.",
+            |s| s.latency_us.len(),
+        ),
+        (
+            "foresnap_io_bytes_total",
+            "Bytes of the requests completed without error.",
+            |s| s.bytes,
+        ),
+        (
+            "foresnap_io_errors_total",
+            "Requests completed with an errno (EIO from the backing store, invalid requests).",
+            |s| s.errors,
+        ),
+    ];
+    for (name, help, count) in counters {
+        family(o, name, "counter", help);
+        for (c, s) in &totals {
+            sample(o, name, &op(*c), count(s));
+        }
     }
     family(
         o,
