@@ -43,6 +43,7 @@ struct Proxy {
     child: Option<Child>,
     endpoint: String,
     stats: PathBuf,
+    log: PathBuf,
 }
 
 impl Proxy {
@@ -53,7 +54,8 @@ impl Proxy {
 
     fn start_with(upstream: &str, dir: &Path, rate: &str, kinds: &[&str], extra: &[&str]) -> Proxy {
         let stats = dir.join("proxy-stats.json");
-        let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+        let log_path = dir.join("proxy.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_foresnap-fault-proxy"))
             .args(["--upstream", upstream, "--rate", rate, "--seed", "8"])
             .args(["--kinds", &kinds.join(",")])
@@ -78,6 +80,7 @@ impl Proxy {
             child: Some(child),
             endpoint,
             stats,
+            log: log_path,
         }
     }
 
@@ -97,6 +100,11 @@ impl Drop for Proxy {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A failed test: what the proxy last did (its log goes with the
+        // test's directory).
+        if std::thread::panicking() {
+            common::print_tail("fault proxy", &self.log);
         }
     }
 }

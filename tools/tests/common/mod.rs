@@ -320,6 +320,18 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The last 20 lines of the log at `path` on stderr, for a test that
+/// failed with a helper process running (its log goes with the test's
+/// directory).
+pub fn print_tail(what: &str, path: &Path) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    eprintln!("{what} log ({}), last lines:", path.display());
+    for l in &lines[lines.len().saturating_sub(20)..] {
+        eprintln!("  {l}");
+    }
+}
+
 /// A running server, stopped on drop.
 pub struct Server {
     pub kind: &'static str,
@@ -399,6 +411,11 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A test failing with this server up: the server's side of it
+        // (the directory goes with the test).
+        if std::thread::panicking() {
+            print_tail(self.kind, &self.dir.path().join("server.log"));
+        }
         let _ = Command::new(repo().join("scripts/lib/s3-server"))
             .arg("stop")
             .arg(self.dir.path())
