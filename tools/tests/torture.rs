@@ -166,6 +166,12 @@ impl Bed {
             id,
             "--ring",
             ring.to_str().unwrap(),
+            // 131072 records, far more than a trial writes. The default
+            // 64M ring took 20 s to recover at each restart of the debug
+            // build in the emulated VM (4M: 2 s), a third of the short
+            // mode's crash matrix.
+            "--ring-size",
+            "4M",
             "--control",
             sock.to_str().unwrap(),
             "--dest",
@@ -233,6 +239,7 @@ fn crash_matrix_loses_no_snapshot() {
     let trials: u32 = env_or("FORESNAP_CRASH_TRIALS", 6);
     let mut rng: u64 = env_or("FORESNAP_CRASH_SEED", 0x7027_42e5_eed5);
     eprintln!("crash matrix: {trials} trials, seed {rng}");
+    let started = Instant::now();
     let bed = Bed::new(&format!("{MATRIX_MIB}M"), "13");
     let (d, img, sock, dest) = (bed.dir.path(), &bed.img, &bed.sock, &bed.dest);
     let phase_of = |t: u32| PHASES[t as usize % PHASES.len()];
@@ -323,7 +330,10 @@ fn crash_matrix_loses_no_snapshot() {
             assert_eq!(diff, 0, "trial {trial} ({how}): snapshot {id} differs");
         }
         let checked: Vec<&u32> = images.range(before..).map(|(k, _)| k).collect();
-        eprintln!("trial {trial}: {how}: snapshots {checked:?} exact");
+        eprintln!(
+            "trial {trial}: {how}: snapshots {checked:?} exact ({:.0} s in)",
+            started.elapsed().as_secs_f64()
+        );
     }
     // After every crash: the device equals the last snapshot, and every
     // snapshot still restores exact.
@@ -342,7 +352,9 @@ fn crash_matrix_loses_no_snapshot() {
     assert_no_ublk_devices();
     let kinds: Vec<String> = crashes.iter().map(|(k, n)| format!("{k}:{n}")).collect();
     eprintln!(
-        "TORTURE crash-matrix trials={trials} crashes={} snapshots={} verified={verified} bytes_lost={lost}",
+        "TORTURE crash-matrix trials={trials} secs={:.0} crashes={} snapshots={} verified={verified} \
+         bytes_lost={lost}",
+        started.elapsed().as_secs_f64(),
         kinds.join(","),
         images.len()
     );
@@ -415,6 +427,7 @@ fn ext4_survives_kills_and_every_snapshot_checks_clean() {
     let trials: u32 = env_or("FORESNAP_EXT4_TRIALS", 2);
     let mut rng: u64 = env_or("FORESNAP_CRASH_SEED", 0x7027_42e5_eed5);
     eprintln!("ext4 crash trials: {trials}, seed {rng}");
+    let started = Instant::now();
     let bed = Bed::new("48M", "14");
     let d = bed.dir.path();
     let phase_of = |t: u32| EXT4_PHASES[t as usize % EXT4_PHASES.len()];
@@ -469,7 +482,10 @@ fn ext4_survives_kills_and_every_snapshot_checks_clean() {
         ));
         assert!(check.contains("FILES-OK"), "trial {trial} ({how}): {check}");
         wait_listed(&bed.dest, VOLUME, n, &[]);
-        eprintln!("trial {trial}: {how}: files intact, snapshot {n} uploaded");
+        eprintln!(
+            "trial {trial}: {how}: files intact, snapshot {n} uploaded ({:.0} s in)",
+            started.elapsed().as_secs_f64()
+        );
     }
     sh(&format!("umount {m}"));
     let fsck = sh_status(&format!("e2fsck -fn {dev}"));
@@ -510,7 +526,9 @@ fn ext4_survives_kills_and_every_snapshot_checks_clean() {
     assert_no_ublk_devices();
     let kinds: Vec<String> = crashes.iter().map(|(k, n)| format!("{k}:{n}")).collect();
     eprintln!(
-        "TORTURE crash-ext4 trials={trials} crashes={} snapshots={} verified={verified} files_checked={files}",
+        "TORTURE crash-ext4 trials={trials} secs={:.0} crashes={} snapshots={} verified={verified} \
+         files_checked={files}",
+        started.elapsed().as_secs_f64(),
         kinds.join(","),
         snapshots.len()
     );
