@@ -481,7 +481,8 @@ pub struct UploadArgs {
     /// Upload worker threads (objects in flight).
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
     pub upload_workers: usize,
-    /// Bound on the upload buffers: each worker holds up to 4 chunks, so
+    /// Bound on the upload buffers: each worker holds up to 3 chunks plus
+    /// the destination's copies in flight (S3: 1, sealing: 2 more), so
     /// fewer workers run if the bound does not fit them all.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
     pub upload_memory: u64,

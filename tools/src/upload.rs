@@ -200,13 +200,16 @@ pub fn prepare(
     if let Some(l) = &link {
         dest = l.clone();
     }
-    let need = foresnap_uploader::engine::worker_memory(args.chunk_size);
+    let copies = dest.object_copies();
+    let need = foresnap_uploader::engine::worker_memory(args.chunk_size, copies);
     if args.upload_memory < need {
         bail!(
             "--upload-memory {} is below what one upload worker needs with --chunk-size {} \
-             ({need} bytes: 4 chunks)",
+             at {} ({need} bytes: {} chunks)",
             args.upload_memory,
-            args.chunk_size
+            args.chunk_size,
+            dest.url(),
+            3 + copies
         );
     }
     let prune = match args.keep.retention() {

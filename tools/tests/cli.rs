@@ -964,6 +964,31 @@ fn encrypted_snapshots_round_trip_and_store_no_plaintext() {
         text.starts_with("key ") && text.contains("written to"),
         "{text}"
     );
+    // The memory bound counts the sealed copies: a worker needs 3 chunks
+    // at a directory, 5 with a key, 7 at a sealed mirror of two.
+    let (m1, m2) = (url("m1"), url("m2"));
+    let bound = |extra: &[&str]| {
+        let mut a = vec!["backup", "--backing", "/nonexistent", "--volume", "v"];
+        a.extend(["--chunk-size", "1M", "--dest", &m1]);
+        a.extend(extra);
+        one_line_error(&a)
+    };
+    let key_s = s(key.clone());
+    let e = bound(&["--upload-memory", "3M"]);
+    assert!(e.contains("below") && e.contains("3 chunks"), "{e}");
+    let e = bound(&["--upload-memory", "5M", "--key-file", &key_s]);
+    assert!(e.contains("below") && e.contains("5 chunks"), "{e}");
+    let e = bound(&[
+        "--upload-memory",
+        "6M",
+        "--key-file",
+        &key_s,
+        "--dest-policy",
+        "mirror",
+        "--dest",
+        &m2,
+    ]);
+    assert!(e.contains("below") && e.contains("7 chunks"), "{e}");
     let vol = path("vol");
     let mut images = vec![marked_image(&vol, 4, 2)];
     let backup = || {

@@ -666,6 +666,16 @@ impl Destination for Copies {
             Placement::Alternate(_) => format!("alternate({})", urls.join(", ")),
         }
     }
+
+    /// A mirror puts to every member at once; an alternating set stores
+    /// each snapshot's objects at one member.
+    fn object_copies(&self) -> u64 {
+        let each = self.members.iter().map(|m| m.dest.object_copies());
+        match self.placement {
+            Placement::Mirror => each.sum(),
+            Placement::Alternate(_) => each.max().unwrap_or(0),
+        }
+    }
 }
 
 #[cfg(test)]

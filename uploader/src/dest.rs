@@ -79,6 +79,13 @@ pub trait Destination: Send + Sync + std::fmt::Debug {
     fn delete(&self, key: &str) -> Result<(), DestError>;
     /// For messages: `file:///...`, `s3://...`.
     fn url(&self) -> String;
+    /// Whole copies of an object this destination holds in memory at
+    /// once, beyond the caller's bytes, while a put or get runs (an
+    /// encrypting destination's ciphertext, say): the upload engine's
+    /// memory bound counts them for each worker.
+    fn object_copies(&self) -> u64 {
+        0
+    }
 }
 
 /// A destination in front of another that changes only what a put does
@@ -109,6 +116,9 @@ impl<T: PutFilter> Destination for T {
     }
     fn url(&self) -> String {
         self.inner().url()
+    }
+    fn object_copies(&self) -> u64 {
+        self.inner().object_copies()
     }
 }
 

@@ -42,13 +42,15 @@ pub const DEFAULT_WORKERS: usize = 4;
 /// Default bound on the memory of the upload buffers.
 pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
 
-/// Memory one upload worker may hold at once, for chunks of `chunk_bytes`:
-/// its chunk buffer, the encoded object (compressed in place, one
-/// allocation), the destination's copy in flight (an S3 request body) and,
-/// when a delta chain is compacted or an existing object is checked, the
-/// objects read back: four chunks, plus headers and bitmaps.
-pub fn worker_memory(chunk_bytes: u32) -> u64 {
-    4 * u64::from(chunk_bytes) + (64 << 10)
+/// Memory one upload worker may hold at once, for chunks of `chunk_bytes`
+/// and a destination that keeps `dest_copies` more copies of an object in
+/// flight ([`Destination::object_copies`]: an S3 request body, a sealed
+/// object): its chunk buffer, the encoded object (compressed in place, one
+/// allocation) and, when a delta chain is compacted or an existing object
+/// is checked, the object read back: three chunks, the destination's, and
+/// headers and bitmaps.
+pub fn worker_memory(chunk_bytes: u32, dest_copies: u64) -> u64 {
+    (3 + dest_copies) * u64::from(chunk_bytes) + (64 << 10)
 }
 
 /// Why an epoch could not be uploaded (retried with backoff).
@@ -291,9 +293,10 @@ impl Uploader {
     }
 
     /// Uploads with up to `workers` threads, as many as `memory_bytes`
-    /// allows ([`worker_memory`] each); fails if it does not allow one.
+    /// allows ([`worker_memory`] each, with the destination's copies);
+    /// fails if it does not allow one.
     pub fn with_pool(mut self, workers: usize, memory_bytes: u64) -> Result<Self, UploadError> {
-        let need = worker_memory(self.chunk_bytes);
+        let need = worker_memory(self.chunk_bytes, self.dest.object_copies());
         let fit = usize::try_from(memory_bytes / need).unwrap_or(usize::MAX);
         if fit == 0 {
             return Err(UploadError::Memory {
@@ -885,9 +888,9 @@ pub(crate) mod tests {
     fn the_memory_bound_caps_the_workers() {
         let dir = tempfile::tempdir().unwrap();
         let (t, _, _) = tracked_volume(dir.path(), MIB);
-        let dest: Arc<dyn Destination> =
+        let plain: Arc<dyn Destination> =
             Arc::new(DirDestination::open(&dir.path().join("dest")).unwrap());
-        let up = |chunk: u32, workers: usize, memory: u64| {
+        let up = |dest: &Arc<dyn Destination>, chunk: u32, workers: usize, memory: u64| {
             Uploader::new(
                 t.clone(),
                 dest.clone(),
@@ -898,16 +901,29 @@ pub(crate) mod tests {
             .unwrap()
             .with_pool(workers, memory)
         };
-        let per = worker_memory(4 << 20);
-        assert!(per >= 4 * (4 << 20));
-        assert_eq!(up(4 << 20, 16, 256 << 20).unwrap().workers(), 15);
-        assert_eq!(up(4 << 20, 4, 256 << 20).unwrap().workers(), 4);
-        assert_eq!(up(64 << 20, 8, 512 << 20).unwrap().workers(), 1);
-        let e = up(64 << 20, 8, 256 << 20).unwrap_err();
+        // A directory writes from the caller's bytes: three chunks each.
+        assert_eq!(worker_memory(4 << 20, 0), 12 * MIB + (64 << 10));
+        assert_eq!(up(&plain, 4 << 20, 32, 256 << 20).unwrap().workers(), 21);
+        assert_eq!(up(&plain, 4 << 20, 4, 256 << 20).unwrap().workers(), 4);
+        assert_eq!(up(&plain, 64 << 20, 8, 512 << 20).unwrap().workers(), 2);
+        let e = up(&plain, 64 << 20, 8, 128 << 20).unwrap_err();
         assert!(
             matches!(e, UploadError::Memory { .. }) && e.to_string().contains("below"),
             "{e}"
         );
+        // Sealing holds two more copies; a mirror puts to each member at once.
+        let key = Arc::new(crate::seal::VolumeKey::parse(&[7; 32], "test").unwrap());
+        let sealed = |name: &str| -> Arc<dyn Destination> {
+            let d = DirDestination::open(&dir.path().join(name)).unwrap();
+            Arc::new(crate::seal::Sealed::new(Arc::new(d), key.clone()))
+        };
+        let one = sealed("s1");
+        assert_eq!(one.object_copies(), 2);
+        assert_eq!(up(&one, 4 << 20, 32, 256 << 20).unwrap().workers(), 12);
+        let mirror: Arc<dyn Destination> =
+            Arc::new(crate::copies::Copies::new(vec![one, sealed("s2")]));
+        assert_eq!(mirror.object_copies(), 4);
+        assert_eq!(up(&mirror, 4 << 20, 32, 256 << 20).unwrap().workers(), 9);
     }
 }
 

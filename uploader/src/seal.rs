@@ -431,6 +431,13 @@ impl Destination for Sealed {
     fn url(&self) -> String {
         self.inner.url()
     }
+
+    /// A put's sealed object; a read's sealed bytes and the copy kept to
+    /// tell which one [`Destination::get_valid`] returned (its plaintext
+    /// takes the place of the object read back).
+    fn object_copies(&self) -> u64 {
+        2 + self.inner.object_copies()
+    }
 }
 
 /// Checks that `key` (or none) fits the volume at `dest` (not sealed: the
