@@ -324,6 +324,11 @@ pub struct RestoreArgs {
     /// [default: /run/foresnap/ublkbN.sock].
     #[arg(long, value_name = "SOCKET", requires = "lazy")]
     pub control: Option<PathBuf>,
+    /// With --lazy: Prometheus metrics at http://ADDR/metrics on the
+    /// loopback interface (as `serve --metrics`), with the hydration's
+    /// progress [default: off].
+    #[arg(long, value_name = "ADDR", requires = "lazy")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -47,6 +47,8 @@ pub struct Sources {
     pub io: Arc<IoMetrics>,
     pub tracker: Option<Arc<Tracker>>,
     pub upload: Option<UploadView>,
+    /// A lazy restore's hydration.
+    pub hydration: Option<Arc<foresnap_driver::hydrate::Hydration>>,
 }
 
 /// Serves `listener` on a thread until the process exits.
@@ -169,6 +171,37 @@ fn render(src: &Sources, collisions: &mut Collisions) -> String {
     }
     if let Some(u) = &src.upload {
         render_upload(&mut o, u);
+    }
+    if let Some(h) = &src.hydration {
+        let p = h.progress();
+        let gauges: [(&str, &str, u64); 3] = [
+            (
+                "foresnap_hydration_chunks",
+                "Chunks of the lazily restored volume.",
+                p.chunks,
+            ),
+            (
+                "foresnap_hydration_chunks_ready",
+                "Chunks restored so far (fetched, or written whole by the device).",
+                p.ready,
+            ),
+            (
+                "foresnap_hydration_chunks_failed",
+                "Chunks whose fetch failed for good (their reads get EIO).",
+                p.failed,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            single(&mut o, name, "gauge", help, "", v);
+        }
+        single(
+            &mut o,
+            "foresnap_hydration_on_demand_total",
+            "counter",
+            "Chunks fetched ahead of the background because a request waited for them.",
+            "",
+            p.on_demand,
+        );
     }
     o
 }
@@ -504,11 +537,20 @@ mod tests {
             }
             q.record(OpClass::Read, 512, Duration::from_micros(7), false);
         }
+        let dir = tempfile::tempdir().unwrap();
+        let hydration = foresnap_driver::hydrate::Hydration::create(
+            &dir.path().join("h"),
+            8 << 20,
+            1 << 20,
+            [0; 32],
+        )
+        .unwrap();
         let text = render(
             &Sources {
                 io,
                 tracker: None,
                 upload: None,
+                hydration: Some(Arc::new(hydration)),
             },
             &mut Collisions::default(),
         );
@@ -522,6 +564,8 @@ mod tests {
                 .to_owned()
         };
         assert_eq!(line("foresnap_io_requests_total{op=\"write\"}"), "4");
+        assert_eq!(line("foresnap_hydration_chunks "), "8");
+        assert_eq!(line("foresnap_hydration_chunks_ready "), "0");
         assert_eq!(line("foresnap_io_bytes_total{op=\"write\"}"), "16384");
         assert_eq!(line("foresnap_io_errors_total{op=\"read\"}"), "1");
         let b = "foresnap_io_latency_seconds_bucket{op=\"write\",le=";

@@ -75,6 +75,7 @@ pub fn serve_device(
     let bound = control_path.clone();
     let ready_shutdown = shutdown.clone();
     let hydration = lazy.as_ref().map(|l| l.hydration.clone());
+    let hydration_source = hydration.clone();
     let hydrator = Arc::new(Mutex::new(None::<std::thread::JoinHandle<()>>));
     let hydrator_slot = hydrator.clone();
     let (queues, target) = (cfg.queues, cfg.backing.clone());
@@ -91,6 +92,7 @@ pub fn serve_device(
             io,
             tracker: None,
             upload: None,
+            hydration: hydration_source,
         });
         if let Some((tracker, report)) = &info.tracker {
             let view = match upload.map(|plan| plan.start(tracker.clone(), uploader_stop)) {

@@ -615,6 +615,12 @@ fn restore_lazy(
     m: Manifest,
 ) -> anyhow::Result<()> {
     let to = &args.to;
+    // A bad address fails before anything is made.
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::bind)
+        .transpose()?;
     let state = Hydration::state_path(to);
     let mut cfg = foresnap_driver::DeviceConfig::new(to);
     cfg.id = args.id;
@@ -691,7 +697,7 @@ fn restore_lazy(
         workers: args.workers,
         cap: args.hydrate_cap,
     };
-    crate::serve::serve_device(&cfg, None, args.control.clone(), Some(lazy), None)
+    crate::serve::serve_device(&cfg, None, args.control.clone(), Some(lazy), metrics)
 }
 
 /// `foresnap verify`: every copy, each on its own (a damaged object at one

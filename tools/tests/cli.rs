@@ -1134,3 +1134,40 @@ fn encrypted_snapshots_round_trip_and_store_no_plaintext() {
     assert!(e.contains("does not authenticate"), "{e}");
     assert!(!to.exists(), "a failed restore left {to:?}");
 }
+
+/// `restore --lazy --metrics`: an address off the loopback interface is
+/// refused before the restore makes its file (or state), and `--metrics`
+/// without `--lazy` is refused: a plain restore serves nothing.
+#[test]
+fn lazy_restore_metrics_address_is_checked_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol");
+    marked_image(&vol, 1, 5);
+    let dest = format!("file://{}", dir.path().join("d").display());
+    backup_to(&vol, &[&dest], "single");
+    let to = dir.path().join("restored");
+    let to_s = to.display().to_string();
+    let restore = ["restore", "--dest", &dest, "--volume", "v", "--to", &to_s];
+    let e = one_line_error(&[&restore[..], &["--lazy", "--metrics", "10.1.2.3:9477"]].concat());
+    assert!(e.contains("loopback"), "{e}");
+    let e = one_line_error(&[&restore[..], &["--lazy", "--metrics", "nonsense"]].concat());
+    assert!(e.contains("IP:PORT"), "{e}");
+    assert!(!to.exists(), "a refused restore made {to_s}");
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("hydration")),
+        "a refused restore left a hydration state"
+    );
+    let out = foresnap()
+        .args(restore)
+        .args(["--metrics", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--lazy"), "{err}");
+    assert!(!to.exists(), "a refused restore made {to_s}");
+}

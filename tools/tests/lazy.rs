@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, foresnap, require_ublk, run, scratch, sh};
+use common::{Daemon, foresnap, http_get, metric, require_ublk, run, scratch, sh};
 
 /// `foresnap backup` of `img` to a directory destination as volume `name`
 /// with 1 MiB chunks; returns the destination URL.
@@ -32,7 +32,9 @@ fn backup(dir: &Path, img: &Path, name: &str) -> String {
 /// ext4 with files of random data, mounted read-only from a lazily
 /// restored device and checked while hydration runs (capped, so that it
 /// is still running); once hydration completes, the device equals the
-/// snapshot, and a write afterwards is tracked as the new volume's.
+/// snapshot, and a write afterwards is tracked as the new volume's. The
+/// metrics endpoint (`--metrics`) shows the hydration's progress: chunks
+/// fetched on demand for the mount, then every chunk ready.
 #[test]
 #[ignore = "needs ublk: run through scripts/test (VM test bed)"]
 fn lazy_restore_serves_ext4_while_it_hydrates() {
@@ -50,8 +52,16 @@ fn lazy_restore_serves_ext4_while_it_hydrates() {
     let dest = backup(d, &img, "fs");
     let target = d.join("restored.img");
     let sock = d.join("ctl.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
     let started = Instant::now();
     let dev = Daemon::start_lazy(&[
+        "--metrics",
+        &metrics_addr,
         "--dest",
         &dest,
         "--volume",
@@ -85,11 +95,32 @@ fn lazy_restore_serves_ext4_while_it_hydrates() {
         check.contains("STILL-HYDRATING"),
         "hydration ended before the files were read (the cap is too loose): {check}"
     );
+    let (status, during) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let chunks = metric(&during, "foresnap_hydration_chunks");
+    assert_eq!(chunks, 96.0, "{during}");
+    let ready = metric(&during, "foresnap_hydration_chunks_ready");
+    assert!(ready < chunks, "{ready} of {chunks} ready before the end");
+    assert!(
+        metric(&during, "foresnap_hydration_on_demand_total") > 0.0,
+        "the mount's reads fetched nothing on demand: {during}"
+    );
     let done = dev
         .wait_for_line("hydration complete", Duration::from_secs(180))
         .expect("hydration did not complete");
     eprintln!("{done}");
     assert!(!state.exists(), "the state outlives a complete hydration");
+    let (_, after) = http_get(port, "/metrics");
+    assert_eq!(
+        metric(&after, "foresnap_hydration_chunks_ready"),
+        96.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "foresnap_hydration_chunks_failed"),
+        0.0,
+        "{after}"
+    );
     let same = sh(&format!(
         "cmp {img} {dev} && cmp {img} {t} && echo SAME",
         img = img.display(),

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Daemon, assert_no_ublk_devices, foresnap, require_ublk, run, scratch, sh, sh_output,
-    wait_listed,
+    Daemon, assert_no_ublk_devices, foresnap, http_get, metric, require_ublk, run, scratch, sh,
+    sh_output, wait_listed,
 };
 
 const BS: u64 = 4096;
@@ -520,29 +520,6 @@ fn scheduled_snapshots_upload_before_their_close() {
         d.stop();
     }
     assert_no_ublk_devices();
-}
-
-/// `GET path` from the metrics endpoint at `port`: the status line and
-/// the body.
-fn http_get(port: u16, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    write!(c, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
-
-/// The value of the sample `name{labels}` (exactly so) in `text`; 0 if
-/// absent (a counter not yet incremented).
-fn metric(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `serve --metrics`: every request the device completes is counted and
