@@ -209,7 +209,7 @@ pub fn prepare(
             args.upload_memory,
             args.chunk_size,
             dest.url(),
-            3 + copies
+            foresnap_uploader::engine::worker_chunks(copies)
         );
     }
     let prune = match args.keep.retention() {

@@ -50,7 +50,12 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 256 << 20;
 /// is checked, the object read back: three chunks, the destination's, and
 /// headers and bitmaps.
 pub fn worker_memory(chunk_bytes: u32, dest_copies: u64) -> u64 {
-    (3 + dest_copies) * u64::from(chunk_bytes) + (64 << 10)
+    worker_chunks(dest_copies) * u64::from(chunk_bytes) + (64 << 10)
+}
+
+/// The chunks of [`worker_memory`].
+pub fn worker_chunks(dest_copies: u64) -> u64 {
+    3 + dest_copies
 }
 
 /// Why an epoch could not be uploaded (retried with backoff).
