@@ -33,18 +33,37 @@ pub enum Command {
         If the server of device --id N was killed, serving the same backing with\n\
         the same --id re-attaches to the device; its I/O waits meanwhile.")]
     Serve(Box<ServeArgs>),
+    /// Serve the volumes of a configuration file, each by its own `serve`
+    /// process (restarted if it dies), with the control API on a unix
+    /// socket (HTTP and JSON): volumes, snapshots, destinations, restores.
+    #[command(after_help = "Examples:\n  \
+        foresnap daemon --config /etc/foresnap/foresnap.toml\n  \
+        foresnap daemon --config foresnap.toml --check     (check the file, serve nothing)\n  \
+        curl --unix-socket /run/foresnap/daemon.sock http://x/v1/volumes\n\n\
+        A volume's keys are serve's long options (see packaging/foresnap.toml);\n\
+        a bad file is refused with its line, field and reason.")]
+    Daemon(DaemonArgs),
+    /// List the volumes of a daemon: tenant, state, device, restarts,
+    /// destinations and upload health.
+    #[command(after_help = "Examples:\n  \
+        foresnap volumes\n  \
+        foresnap volumes --tenant acme --json")]
+    Volumes(VolumesArgs),
     /// Close the open epoch of a serving device now: every write
     /// acknowledged before this point is in the snapshot, none after.
     /// Prints the snapshot's id.
     #[command(after_help = "Examples:\n  \
         foresnap snapshot --control /run/foresnap/ublkb0.sock\n  \
-        foresnap snapshot            (the only daemon in /run/foresnap)")]
+        foresnap snapshot            (the only daemon in /run/foresnap)\n  \
+        foresnap snapshot --volume db    (volume db of foresnap daemon)")]
     Snapshot(ControlArgs),
     /// Show a serving device's tracking state: open epoch, snapshots
     /// awaiting upload, pending blocks, ring fill, copy-on-write use.
     #[command(after_help = "Examples:\n  \
         foresnap status --control /run/foresnap/ublkb0.sock\n  \
-        foresnap status --watch 5s")]
+        foresnap status --watch 5s\n  \
+        foresnap status --volume db --tenant acme   (volume db of foresnap daemon)\n  \
+        foresnap status --daemon                    (every volume of foresnap daemon)")]
     Status(StatusArgs),
     /// Export the write records of a ring file as a fio iolog (version 3),
     /// for replay by fio or by the upload simulator.
@@ -56,7 +75,8 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         foresnap snapshots --dest file:///backup --volume db\n  \
         foresnap snapshots --dest 's3://backups/prod?endpoint=http://127.0.0.1:8333' --volume db\n  \
-        foresnap snapshots --dest file:///backup --dest s3://backups/prod --volume db")]
+        foresnap snapshots --dest file:///backup --dest s3://backups/prod --volume db\n  \
+        foresnap snapshots --daemon --volume db     (volume db of foresnap daemon)")]
     Snapshots(DestArgs),
     /// Restore a snapshot from a destination into a new image file or onto
     /// a whole block device (not mounted); every object is verified before
@@ -278,13 +298,22 @@ pub struct DestArgs {
     /// restore reads from the healthiest, fastest copy, fails over to the
     /// others and spreads its reads over them; `snapshots` shows where each
     /// snapshot is; `verify` checks every copy.
-    #[arg(long, value_name = "URL", required = true)]
+    #[arg(long, value_name = "URL", required_unless_present = "daemon")]
     pub dest: Vec<String>,
-    /// The volume's name there.
+    /// The volume's name there (with --daemon: the daemon's name for it).
     #[arg(long, value_name = "NAME")]
     pub volume: String,
     #[command(flatten)]
     pub key: KeyArgs,
+    /// Take --dest and the key from volume --volume of `foresnap daemon` at
+    /// SOCKET [default: /run/foresnap/daemon.sock].
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1,
+          default_missing_value = foresnap_control::config::DEFAULT_SOCKET,
+          conflicts_with_all = ["dest", "key_file", "key_env"])]
+    pub daemon: Option<PathBuf>,
+    /// With --daemon: as tenant T.
+    #[arg(long, value_name = "T", requires = "daemon")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -561,16 +590,74 @@ pub struct ExportArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ControlArgs {
-    /// The daemon's control socket [default: the only one in /run/foresnap].
-    #[arg(long, value_name = "SOCKET")]
+    /// The serving device's control socket [default: the only one in
+    /// /run/foresnap].
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["volume", "daemon"])]
     pub control: Option<PathBuf>,
+    /// Volume NAME of `foresnap daemon` (through its API).
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
+    #[command(flatten)]
+    pub daemon: DaemonRef,
+}
+
+/// Which `foresnap daemon` to ask, and as which tenant.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonRef {
+    /// Ask `foresnap daemon` at its API socket SOCKET
+    /// [default: /run/foresnap/daemon.sock].
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1,
+          default_missing_value = foresnap_control::config::DEFAULT_SOCKET)]
+    pub daemon: Option<PathBuf>,
+    /// As tenant T: only T's volumes are visible.
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
+}
+
+impl DaemonRef {
+    /// The API socket: the one given, or the default.
+    pub fn socket(&self) -> PathBuf {
+        self.daemon
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(foresnap_control::config::DEFAULT_SOCKET))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// The configuration file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/foresnap/foresnap.toml"
+    )]
+    pub config: PathBuf,
+    /// Check the file (its shape and every volume's options) and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VolumesArgs {
+    #[command(flatten)]
+    pub daemon: DaemonRef,
+    /// The API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The daemon's control socket [default: the only one in /run/foresnap].
-    #[arg(long, value_name = "SOCKET")]
+    /// The serving device's control socket [default: the only one in
+    /// /run/foresnap].
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["volume", "daemon"])]
     pub control: Option<PathBuf>,
+    /// Volume NAME of `foresnap daemon` (through its API); with --daemon
+    /// and no --volume: every volume.
+    #[arg(long, value_name = "NAME")]
+    pub volume: Option<String>,
+    #[command(flatten)]
+    pub daemon: DaemonRef,
     /// Refresh every INTERVAL (a bare number is seconds; default 2 s)
     /// until ^C; exits non-zero once the daemon stops answering.
     #[arg(

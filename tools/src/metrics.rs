@@ -29,6 +29,12 @@ const BUCKETS_S: [f64; 17] = [
 /// Binds the metrics address now (before the device exists: a bad or busy
 /// address fails the start). Loopback only.
 pub fn bind(addr: &str) -> anyhow::Result<TcpListener> {
+    let a = check_addr(addr)?;
+    TcpListener::bind(a).with_context(|| format!("cannot bind --metrics {addr}"))
+}
+
+/// The metrics address, if it is a loopback `IP:PORT`.
+pub fn check_addr(addr: &str) -> anyhow::Result<SocketAddr> {
     let a: SocketAddr = addr.parse().map_err(|_| {
         anyhow::anyhow!("invalid --metrics address {addr:?}: give IP:PORT, as 127.0.0.1:9477")
     })?;
@@ -38,7 +44,7 @@ pub fn bind(addr: &str) -> anyhow::Result<TcpListener> {
              (127.0.0.1 or [::1]); put an authenticating proxy in front to reach them from elsewhere"
         );
     }
-    TcpListener::bind(a).with_context(|| format!("cannot bind --metrics {addr}"))
+    Ok(a)
 }
 
 /// What the endpoint reports on.

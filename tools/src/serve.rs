@@ -297,35 +297,70 @@ fn start_hydrator(
 
 /// `foresnap snapshot`: close the open epoch of a serving device.
 pub fn snapshot(args: &ControlArgs) -> anyhow::Result<()> {
-    let socket = control::resolve(args.control.as_deref())?;
-    let v = control::call(&socket, &control::Request::Snapshot)?;
+    let (v, of) = if args.volume.is_some() || args.daemon.daemon.is_some() {
+        let name = args
+            .volume
+            .as_deref()
+            .context("--daemon: give the volume to snapshot with --volume NAME")?;
+        let v = crate::daemon::call(
+            &args.daemon.socket(),
+            foresnap_control::api::Method::Post,
+            &format!("/v1/volumes/{name}/snapshots"),
+            args.daemon.tenant.as_deref(),
+            None,
+        )?;
+        (v, format!("volume {name}: "))
+    } else {
+        let socket = control::resolve(args.control.as_deref())?;
+        (
+            control::call(&socket, &control::Request::Snapshot)?,
+            String::new(),
+        )
+    };
     let bytes = v["bytes"].as_u64().unwrap_or(0);
     // Display only.
     #[allow(clippy::cast_precision_loss)]
     let mib = bytes as f64 / f64::from(1u32 << 20);
     println!(
-        "snapshot {} closed: {} blocks changed ({:.1} MiB), writes paused {} us",
+        "{of}snapshot {} closed: {} blocks changed ({:.1} MiB), writes paused {} us",
         v["snapshot"], v["blocks"], mib, v["pause_us"]
     );
     Ok(())
 }
 
-/// `foresnap status`: the tracker's state, one line per item.
+/// `foresnap status`: the tracker's state, one line per item; of a serving
+/// device, or of a daemon's volumes.
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
-    let socket = control::resolve(args.control.as_deref())?;
+    let (fetch, source): (Box<dyn Fn() -> anyhow::Result<String>>, String) =
+        if args.volume.is_some() || args.daemon.daemon.is_some() {
+            let socket = args.daemon.socket();
+            let tenant = args.daemon.tenant.clone();
+            let volume = args.volume.clone();
+            let at = socket.clone();
+            (
+                Box::new(move || daemon_status(&at, tenant.as_deref(), volume.as_deref())),
+                socket.display().to_string(),
+            )
+        } else {
+            let socket = control::resolve(args.control.as_deref())?;
+            let at = socket.clone();
+            (
+                Box::new(move || {
+                    let v = control::call(&at, &control::Request::Status)?;
+                    let mut out = String::new();
+                    render_status(&v, &mut out)?;
+                    Ok(out)
+                }),
+                socket.display().to_string(),
+            )
+        };
     let Some(every) = args.watch else {
-        let v = control::call(&socket, &control::Request::Status)?;
-        let mut out = String::new();
-        render_status(&v, &mut out)?;
-        print!("{out}");
+        print!("{}", fetch()?);
         return Ok(());
     };
     let tty = std::io::stdout().is_terminal();
     loop {
-        let v = control::call(&socket, &control::Request::Status)
-            .context("status --watch: the daemon stopped answering")?;
-        let mut out = String::new();
-        render_status(&v, &mut out)?;
+        let out = fetch().context("status --watch: the daemon stopped answering")?;
         let now = foresnap_uploader::retention::utc(wall_ms());
         let mut stdout = std::io::stdout().lock();
         if tty {
@@ -334,8 +369,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         }
         write!(
             stdout,
-            "{} at {now} (every {:.1} s; ^C to stop)\n{out}",
-            socket.display(),
+            "{source} at {now} (every {:.1} s; ^C to stop)\n{out}",
             every.as_secs_f64()
         )?;
         if !tty {
@@ -345,6 +379,51 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         drop(stdout);
         std::thread::sleep(every);
     }
+}
+
+/// `status` of one volume of a daemon, or of all of them.
+fn daemon_status(
+    socket: &std::path::Path,
+    tenant: Option<&str>,
+    volume: Option<&str>,
+) -> anyhow::Result<String> {
+    use foresnap_control::api::Method;
+    let names: Vec<String> = match volume {
+        Some(v) => vec![v.to_owned()],
+        None => crate::daemon::call(socket, Method::Get, "/v1/volumes", tenant, None)?["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str().map(str::to_owned))
+            .collect(),
+    };
+    let mut out = String::new();
+    for name in names {
+        let v = crate::daemon::call(
+            socket,
+            Method::Get,
+            &format!("/v1/volumes/{name}"),
+            tenant,
+            None,
+        )?;
+        writeln!(
+            out,
+            "volume {name} (tenant {}): {}{}, {} restarts",
+            v["tenant"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+            v["device"]
+                .as_str()
+                .map(|d| format!(" as {d}"))
+                .unwrap_or_default(),
+            v["restarts"]
+        )?;
+        if let Some(e) = v["status_error"].as_str() {
+            writeln!(out, "  {e}")?;
+        } else {
+            render_status(&v["status"], &mut out)?;
+        }
+    }
+    Ok(out)
 }
 
 fn wall_ms() -> u64 {

@@ -431,6 +431,70 @@ fn print_report(out: &mut impl Write, r: &UploadReport, url: &str) -> std::io::R
 /// ends with where it is complete (its manifest is there: DESIGN.md,
 /// invariant 4) and where it is not.
 pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
+    let rows = stored_snapshots(args)?;
+    if rows.is_empty() {
+        eprintln!(
+            "foresnap: no snapshot of volume {} at {}",
+            args.volume,
+            args.dest.join(", ")
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let mut damaged = 0;
+    for r in &rows {
+        if let Some(why) = r["damaged"].as_str() {
+            // A manifest that is there but damaged: that snapshot is not
+            // complete (it cannot be restored); the others are still listed.
+            out.flush()?;
+            eprintln!(
+                "foresnap: snapshot {} is not complete: {why}",
+                r["snapshot"]
+            );
+            damaged += 1;
+            continue;
+        }
+        write!(
+            out,
+            "snapshot {}  parent {}  closed at {} ms  {} bytes  {} chunks stored  {} object references",
+            r["snapshot"],
+            r["parent"],
+            r["closed_ms"],
+            r["volume_bytes"],
+            r["chunks_stored"],
+            r["objects"]
+        )?;
+        let urls = |k: &str| {
+            r[k].as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if args.dest.len() > 1 {
+            write!(out, "  complete at: {}", urls("complete_at"))?;
+            let missing = urls("missing_at");
+            if !missing.is_empty() {
+                write!(out, "  not at: {missing}")?;
+            }
+        }
+        writeln!(out)?;
+    }
+    if damaged > 0 {
+        bail!(
+            "{damaged} snapshot manifests of volume {} are damaged (above): those snapshots \
+             cannot be restored",
+            args.volume
+        );
+    }
+    Ok(())
+}
+
+/// The snapshots of `args.volume` at its destinations, oldest first: each
+/// with its manifest's figures and the destinations where it is complete
+/// (`complete_at`) and not (`missing_at`; unreachable ones in neither), or
+/// `damaged` and why. Also the daemon's `GET /v1/volumes/NAME/snapshots`.
+pub fn stored_snapshots(args: &DestArgs) -> anyhow::Result<Vec<serde_json::Value>> {
     let keys = Keys::new(&args.volume).map_err(anyhow::Error::msg)?;
     let members = open_all(&args.dest, &keys, args.key.load()?.as_ref())?;
     let mut at: std::collections::BTreeMap<u32, Vec<usize>> = std::collections::BTreeMap::new();
@@ -451,66 +515,39 @@ pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
         bail!("no destination of volume {} could be listed", args.volume);
     }
     let urls: Vec<String> = members.iter().map(|d| d.url()).collect();
-    if at.is_empty() {
-        eprintln!(
-            "foresnap: no snapshot of volume {} at {}",
-            args.volume,
-            urls.join(", ")
-        );
-    }
     let copies: Arc<dyn Destination> = if members.len() == 1 {
         members[0].clone()
     } else {
         Arc::new(Copies::new(members.clone()))
     };
-    let mut out = std::io::stdout().lock();
-    let mut damaged = 0;
+    let mut rows = Vec::with_capacity(at.len());
     for (id, holders) in at {
-        // A manifest that is there but damaged: that snapshot is not
-        // complete (it cannot be restored); the others are still listed.
         let m = match read_manifest(copies.as_ref(), &keys, id) {
             Ok(m) => m,
             Err(e) if manifest_damage(&e).is_some() => {
-                out.flush()?;
-                eprintln!("foresnap: snapshot {id} is not complete: {e}");
-                damaged += 1;
+                rows.push(serde_json::json!({"snapshot": id, "damaged": e.to_string()}));
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
-        let objects: usize = m.chunks.iter().map(Vec::len).sum();
-        write!(
-            out,
-            "snapshot {id}  parent {}  closed at {} ms  {} bytes  {} chunks stored  {objects} object references",
-            m.parent,
-            m.closed_ms,
-            m.volume_bytes,
-            m.chunks.iter().filter(|c| !c.is_empty()).count()
-        )?;
-        if members.len() > 1 {
-            let list = |f: &dyn Fn(usize) -> bool| {
-                (0..members.len())
-                    .filter(|&i| f(i))
-                    .map(|i| urls[i].as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            write!(out, "  complete at: {}", list(&|i| holders.contains(&i)))?;
-            let missing = list(&|i| !holders.contains(&i) && !unreachable.contains(&i));
-            if !missing.is_empty() {
-                write!(out, "  not at: {missing}")?;
-            }
-        }
-        writeln!(out)?;
+        let list = |f: &dyn Fn(usize) -> bool| {
+            (0..members.len())
+                .filter(|&i| f(i))
+                .map(|i| urls[i].clone())
+                .collect::<Vec<_>>()
+        };
+        rows.push(serde_json::json!({
+            "snapshot": id,
+            "parent": m.parent,
+            "closed_ms": m.closed_ms,
+            "volume_bytes": m.volume_bytes,
+            "chunks_stored": m.chunks.iter().filter(|c| !c.is_empty()).count(),
+            "objects": m.chunks.iter().map(Vec::len).sum::<usize>(),
+            "complete_at": list(&|i| holders.contains(&i)),
+            "missing_at": list(&|i| !holders.contains(&i) && !unreachable.contains(&i)),
+        }));
     }
-    if damaged > 0 {
-        bail!(
-            "{damaged} snapshot manifests of volume {} are damaged (above): those snapshots \
-             cannot be restored",
-            args.volume
-        );
-    }
-    Ok(())
+    Ok(rows)
 }
 
 /// The key of a manifest and what is wrong with it, when `e` says that

@@ -1,0 +1,857 @@
+//! `foresnap daemon`: many volumes from one configuration file, and the
+//! control API on a unix socket.
+//!
+//! Each volume is served by a `foresnap serve` child process with the
+//! options of its `[[volume]]` table: one volume's crash cannot take the
+//! others down, a crashed one restarts through the tracker's crash recovery
+//! (its ring continues its epochs), and the device path is the one `serve`
+//! has proven. The daemon supervises the children (restart with back-off),
+//! answers the API (`foresnap_control::api`) by talking to each child's
+//! control socket, and runs restores as child processes too.
+//!
+//! The children get SIGTERM when the daemon dies, however it dies
+//! (`PR_SET_PDEATHSIG`), so no device outlives its daemon unserved.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use foresnap_control::api::{self, ApiError, Call, Method, RestoreRequest};
+use foresnap_control::config::{Config, ConfigError, Volume};
+use serde_json::{Value, json};
+
+use crate::cli::{Cli, Command as Sub, DaemonArgs};
+use crate::control;
+
+/// Restart back-off: doubling from the first to the last, back to the
+/// first after a child ran this long.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_LAST: Duration = Duration::from_secs(60);
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
+
+/// A volume of the configuration, checked, with what the API reports.
+#[derive(Debug)]
+struct Vol {
+    name: String,
+    tenant: String,
+    /// `serve`'s arguments (after `serve`).
+    args: Vec<String>,
+    socket: PathBuf,
+    metrics: Option<String>,
+    dest: Vec<String>,
+    dest_policy: String,
+    dest_volume: String,
+    key_file: Option<PathBuf>,
+    key_env: Option<String>,
+    state: Mutex<VolState>,
+}
+
+#[derive(Debug, Default)]
+struct VolState {
+    phase: &'static str,
+    pid: Option<u32>,
+    device: Option<String>,
+    restarts: u32,
+    since_ms: u64,
+    last_line: Option<String>,
+    last_exit: Option<String>,
+}
+
+/// Loads and checks `path`: the file's shape, then each volume's options
+/// with `serve`'s own parser, so that a bad value names its field.
+fn load(path: &Path) -> anyhow::Result<(Config, Vec<Vol>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    let at = |e: ConfigError| anyhow::anyhow!("{}: {e}", path.display());
+    let config = Config::parse(&text).map_err(at)?;
+    let vols = config
+        .volumes
+        .iter()
+        .map(|v| volume(&config, v).map_err(at))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((config, vols))
+}
+
+fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
+    let field_err = |key: &str, reason: String| ConfigError {
+        field: format!("volume {:?}: {key}", v.name),
+        line: v.get(key).map_or(Some(v.line), |o| Some(o.line)),
+        reason,
+    };
+    // A daemon runs from /: a relative path would name a file there.
+    for key in ["backing", "ring", "key-file"] {
+        if let Some(o) = v.get(key) {
+            match &o.value {
+                foresnap_control::config::Value::Str(s) if s.starts_with('/') => {}
+                foresnap_control::config::Value::Str(s) => {
+                    return Err(field_err(key, format!("{s:?} is not an absolute path")));
+                }
+                _ => return Err(field_err(key, "give a path as a string".into())),
+            }
+        }
+    }
+    let socket = config.run_dir.join(format!("{}.sock", v.name));
+    let mut args: Vec<String> = v
+        .options
+        .iter()
+        .flat_map(|o| o.value.args(&o.key))
+        .collect();
+    args.extend(["--control".into(), socket.display().to_string()]);
+    if v.get("volume").is_none() {
+        // Tenants share destinations without sharing names there.
+        args.extend(["--volume".into(), format!("{}.{}", v.tenant, v.name)]);
+    }
+    let argv = ["foresnap", "serve"]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned());
+    let serve = match Cli::try_parse_from(argv) {
+        Ok(Cli {
+            command: Sub::Serve(s),
+        }) => s,
+        Ok(_) => unreachable!("parsed as serve"),
+        Err(e) => {
+            // clap names the option; the file names it without `--`.
+            let key = e
+                .get(clap::error::ContextKind::InvalidArg)
+                .map(|a| a.to_string())
+                .and_then(|a| {
+                    a.trim_start_matches('-')
+                        .split([' ', '='])
+                        .next()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            let text = e.to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = msg.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg).to_owned();
+            let msg = msg.replace("unexpected argument '--", "not an option of serve: '--");
+            return Err(if key.is_empty() {
+                ConfigError {
+                    field: format!("volume {:?}", v.name),
+                    line: Some(v.line),
+                    reason: msg,
+                }
+            } else {
+                field_err(&key, msg)
+            });
+        }
+    };
+    // The device's own limits (queues, depth, sizes), as `serve` checks them.
+    serve.device_config().validate().map_err(|e| ConfigError {
+        field: format!("volume {:?}", v.name),
+        line: Some(v.line),
+        reason: e.to_string(),
+    })?;
+    if let Some(m) = &serve.metrics {
+        crate::metrics::check_addr(m).map_err(|e| field_err("metrics", format!("{e:#}")))?;
+    }
+    Ok(Vol {
+        name: v.name.clone(),
+        tenant: v.tenant.clone(),
+        args,
+        socket,
+        metrics: serve.metrics.clone(),
+        dest: serve.upload.dest.clone(),
+        dest_policy: format!("{:?}", serve.upload.dest_policy).to_lowercase(),
+        dest_volume: serve
+            .upload
+            .volume
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}", v.tenant, v.name)),
+        key_file: serve.upload.key.key_file.clone(),
+        key_env: serve.upload.key.key_env.clone(),
+        state: Mutex::new(VolState {
+            phase: "starting",
+            ..VolState::default()
+        }),
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A child process of the daemon: gets SIGTERM if the daemon dies.
+fn child(args: &[String]) -> anyhow::Result<Command> {
+    let exe = std::env::current_exe().context("cannot find the foresnap binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only prctl(2), which is async-signal-safe. The death signal is
+    // tied to the forking thread; each child's thread waits for it and so
+    // lives at least as long.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// Reads a child's output: stdout lines to `on_out`, stderr lines to the
+/// daemon's stderr prefixed with `tag` and to `on_err`.
+fn pump(
+    child: &mut Child,
+    tag: String,
+    on_out: impl Fn(&str) + Send + 'static,
+    on_err: impl Fn(&str) + Send + 'static,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        threads.push(std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                on_out(&line);
+            }
+        }));
+    }
+    if let Some(err) = child.stderr.take() {
+        threads.push(std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[{tag}] {line}");
+                on_err(&line);
+            }
+        }));
+    }
+    threads
+}
+
+/// Serves `vol` with `serve` children until `stop`.
+fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
+    let mut backoff = BACKOFF_FIRST;
+    let fixed_id = vol.args.iter().any(|a| a == "--id");
+    // The device a killed server left: the next one re-attaches to it
+    // (its I/O waits meanwhile) instead of leaving it hung.
+    let mut left_behind: Option<String> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let mut args = vec!["serve".to_owned()];
+        args.extend(vol.args.iter().cloned());
+        if let (false, Some(id)) = (fixed_id, &left_behind) {
+            args.extend(["--id".to_owned(), id.clone()]);
+        }
+        let spawned = child(&args).and_then(|mut c| c.spawn().context("cannot start serve"));
+        let exit = match spawned {
+            Ok(mut c) => {
+                {
+                    let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    s.pid = Some(c.id());
+                    s.since_ms = now_ms();
+                }
+                let (v1, v2) = (vol.clone(), vol.clone());
+                let threads = pump(
+                    &mut c,
+                    vol.name.clone(),
+                    move |line| {
+                        if let Some(dev) = line
+                            .strip_prefix("device ")
+                            .and_then(|l| l.strip_suffix(" ready"))
+                        {
+                            let mut s = v1.state.lock().unwrap_or_else(PoisonError::into_inner);
+                            s.phase = "running";
+                            s.device = Some(dev.to_owned());
+                        }
+                    },
+                    move |line| {
+                        v2.state
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .last_line = Some(line.to_owned());
+                    },
+                );
+                let status = c.wait();
+                for t in threads {
+                    let _ = t.join();
+                }
+                match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("cannot wait: {e}"),
+                }
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
+        s.pid = None;
+        left_behind = s
+            .device
+            .take()
+            .and_then(|d| d.strip_prefix("/dev/ublkb").map(str::to_owned))
+            .or(left_behind);
+        if stop.load(Ordering::Relaxed) {
+            s.phase = "stopped";
+            break;
+        }
+        if started.elapsed() >= BACKOFF_RESET {
+            backoff = BACKOFF_FIRST;
+        }
+        s.phase = "restarting";
+        s.restarts += 1;
+        s.last_exit = Some(exit.clone());
+        drop(s);
+        eprintln!(
+            "[{}] serve exited ({exit}); restarting in {} s",
+            vol.name,
+            backoff.as_secs()
+        );
+        let until = Instant::now() + backoff;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        backoff = (backoff * 2).min(BACKOFF_LAST);
+    }
+}
+
+/// A restore started through the API.
+#[derive(Debug)]
+struct Restore {
+    id: u64,
+    volume: String,
+    tenant: String,
+    snapshot: Option<u32>,
+    to: String,
+    started_ms: u64,
+    state: Mutex<RestoreState>,
+}
+
+#[derive(Debug, Default)]
+struct RestoreState {
+    phase: &'static str,
+    progress: Option<String>,
+    finished_ms: Option<u64>,
+    error: Option<String>,
+}
+
+impl Restore {
+    fn json(&self) -> Value {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        json!({
+            "id": self.id,
+            "volume": self.volume,
+            "tenant": self.tenant,
+            "snapshot": self.snapshot,
+            "to": self.to,
+            "state": s.phase,
+            "progress": s.progress,
+            "started_ms": self.started_ms,
+            "finished_ms": s.finished_ms,
+            "error": s.error,
+        })
+    }
+}
+
+struct Daemon {
+    vols: Vec<Arc<Vol>>,
+    restores: Mutex<Vec<Arc<Restore>>>,
+    next_restore: AtomicU64,
+}
+
+impl Vol {
+    /// The volume as the API shows it.
+    fn json(&self) -> Value {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        json!({
+            "name": self.name,
+            "tenant": self.tenant,
+            "state": s.phase,
+            "pid": s.pid,
+            "device": s.device,
+            "restarts": s.restarts,
+            "since_ms": s.since_ms,
+            "last_exit": s.last_exit,
+            "last_message": s.last_line,
+            "control": self.socket,
+            "metrics": self.metrics,
+            "dest": self.dest,
+            "dest_policy": self.dest_policy,
+            "dest_volume": self.dest_volume,
+            "key_file": self.key_file,
+            "key_env": self.key_env,
+        })
+    }
+
+    fn running(&self) -> Result<(), ApiError> {
+        let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.phase == "running" {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                409,
+                format!(
+                    "volume {} is {}{}",
+                    self.name,
+                    s.phase,
+                    s.last_exit
+                        .as_ref()
+                        .map(|e| format!(" (its server exited: {e})"))
+                        .unwrap_or_default()
+                ),
+            ))
+        }
+    }
+
+    /// Asks the volume's server.
+    fn ask(&self, req: &control::Request) -> Result<Value, ApiError> {
+        self.running()?;
+        control::call(&self.socket, req).map_err(|e| {
+            // Reached but refused: the request conflicts with the state.
+            let status = if e.to_string().starts_with("cannot reach") {
+                503
+            } else {
+                409
+            };
+            ApiError::new(status, format!("volume {}: {e:#}", self.name))
+        })
+    }
+
+    /// `restore`'s or `snapshots`' destination arguments.
+    fn dest_args(&self) -> Result<Vec<String>, ApiError> {
+        if self.dest.is_empty() {
+            return Err(ApiError::new(
+                409,
+                format!("volume {} has no dest", self.name),
+            ));
+        }
+        let mut a: Vec<String> = self
+            .dest
+            .iter()
+            .flat_map(|d| ["--dest".into(), d.clone()])
+            .collect();
+        a.extend(["--volume".into(), self.dest_volume.clone()]);
+        if let Some(f) = &self.key_file {
+            a.extend(["--key-file".into(), f.display().to_string()]);
+        }
+        if let Some(e) = &self.key_env {
+            a.extend(["--key-env".into(), e.clone()]);
+        }
+        Ok(a)
+    }
+}
+
+impl Daemon {
+    fn volume(&self, name: &str, tenant: Option<&str>) -> Result<&Arc<Vol>, ApiError> {
+        self.vols
+            .iter()
+            .find(|v| v.name == name && tenant.is_none_or(|t| t == v.tenant))
+            .ok_or_else(|| match tenant {
+                Some(t) => ApiError::new(404, format!("tenant {t} has no volume {name}")),
+                None => ApiError::new(404, format!("no volume {name}")),
+            })
+    }
+
+    fn answer(self: &Arc<Self>, req: &api::Request) -> Result<(u16, Value), ApiError> {
+        let tenant = req.tenant.as_deref();
+        let mine = |v: &&Arc<Vol>| tenant.is_none_or(|t| t == v.tenant);
+        match api::route(req)? {
+            Call::Volumes => Ok((
+                200,
+                json!({"volumes": self.vols.iter().filter(mine).map(|v| v.json()).collect::<Vec<_>>()}),
+            )),
+            Call::Volume(name) => {
+                let v = self.volume(&name, tenant)?;
+                let mut j = v.json();
+                match v.ask(&control::Request::Status) {
+                    Ok(s) => j["status"] = s,
+                    Err(e) => j["status_error"] = e.message.into(),
+                }
+                Ok((200, j))
+            }
+            Call::Snapshot(name) => {
+                let r = self
+                    .volume(&name, tenant)?
+                    .ask(&control::Request::Snapshot)?;
+                Ok((201, r))
+            }
+            Call::Snapshots(name) => {
+                let v = self.volume(&name, tenant)?;
+                let argv = ["foresnap", "snapshots"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(v.dest_args()?);
+                let Ok(Cli {
+                    command: Sub::Snapshots(args),
+                }) = Cli::try_parse_from(argv)
+                else {
+                    return Err(ApiError::new(
+                        500,
+                        "the volume's destination arguments do not parse",
+                    ));
+                };
+                let list = crate::upload::stored_snapshots(&args)
+                    .map_err(|e| ApiError::new(502, format!("volume {name}: {e:#}")))?;
+                Ok((
+                    200,
+                    json!({"volume": name, "dest_volume": v.dest_volume, "snapshots": list}),
+                ))
+            }
+            Call::Destinations => Ok((
+                200,
+                json!({"destinations": self.vols.iter().filter(mine).map(|v| {
+                    let upload = v.ask(&control::Request::Status).map(|s| s["upload"].clone()).ok();
+                    json!({
+                        "volume": v.name,
+                        "tenant": v.tenant,
+                        "dest": v.dest,
+                        "dest_policy": v.dest_policy,
+                        "dest_volume": v.dest_volume,
+                        "upload": upload,
+                    })
+                }).collect::<Vec<_>>()}),
+            )),
+            Call::StartRestore(r) => self.start_restore(&r, tenant).map(|j| (202, j)),
+            Call::Restores => {
+                let list = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+                Ok((
+                    200,
+                    json!({"restores": list.iter()
+                        .filter(|r| tenant.is_none_or(|t| t == r.tenant))
+                        .map(|r| r.json()).collect::<Vec<_>>()}),
+                ))
+            }
+            Call::Restore(id) => {
+                let list = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
+                list.iter()
+                    .find(|r| r.id == id && tenant.is_none_or(|t| t == r.tenant))
+                    .map(|r| (200, r.json()))
+                    .ok_or_else(|| ApiError::new(404, format!("no restore {id}")))
+            }
+        }
+    }
+
+    fn start_restore(&self, r: &RestoreRequest, tenant: Option<&str>) -> Result<Value, ApiError> {
+        let v = self.volume(&r.volume, tenant)?;
+        if Path::new(&r.to).exists() {
+            return Err(ApiError::new(
+                409,
+                format!("{} exists: a restore creates a new file", r.to),
+            ));
+        }
+        let mut args = vec!["restore".to_owned()];
+        args.extend(v.dest_args()?);
+        args.extend([
+            "--snapshot".into(),
+            r.snapshot.map_or("latest".into(), |s| s.to_string()),
+            "--to".into(),
+            r.to.clone(),
+        ]);
+        let id = self.next_restore.fetch_add(1, Ordering::Relaxed);
+        let restore = Arc::new(Restore {
+            id,
+            volume: v.name.clone(),
+            tenant: v.tenant.clone(),
+            snapshot: r.snapshot,
+            to: r.to.clone(),
+            started_ms: now_ms(),
+            state: Mutex::new(RestoreState {
+                phase: "running",
+                ..RestoreState::default()
+            }),
+        });
+        // The child is spawned by the thread that waits for it: its death
+        // signal follows the spawning thread, and this request's thread
+        // ends with the response.
+        let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+        let done = restore.clone();
+        std::thread::Builder::new()
+            .name(format!("restore-{id}"))
+            .spawn(move || {
+                let mut c = match child(&args)
+                    .and_then(|mut c| c.spawn().context("cannot start restore"))
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = spawned_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = spawned_tx.send(Ok(()));
+                let on_line = done.clone();
+                let threads = pump(
+                    &mut c,
+                    format!("restore {id}"),
+                    |_| {},
+                    move |line| {
+                        let line = line.strip_prefix("foresnap: ").unwrap_or(line).to_owned();
+                        on_line
+                            .state
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .progress = Some(line);
+                    },
+                );
+                let status = c.wait();
+                for t in threads {
+                    let _ = t.join();
+                }
+                let mut s = done.state.lock().unwrap_or_else(PoisonError::into_inner);
+                s.finished_ms = Some(now_ms());
+                match status {
+                    Ok(st) if st.success() => s.phase = "done",
+                    other => {
+                        s.phase = "failed";
+                        s.error = Some(s.progress.clone().unwrap_or_else(|| match other {
+                            Ok(st) => st.to_string(),
+                            Err(e) => e.to_string(),
+                        }));
+                    }
+                }
+            })
+            .map_err(|e| ApiError::new(500, format!("cannot start a thread: {e}")))?;
+        spawned_rx
+            .recv()
+            .map_err(|_| ApiError::new(500, "the restore thread ended at once"))?
+            .map_err(|e| ApiError::new(500, format!("{e:#}")))?;
+        self.restores
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(restore.clone());
+        Ok(restore.json())
+    }
+}
+
+/// One connection: one request, one response.
+fn handle(daemon: &Arc<Daemon>, mut conn: UnixStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let reply = loop {
+        match api::decode(&buf) {
+            Ok(Some((req, _))) => {
+                break match daemon.answer(&req) {
+                    Ok((status, body)) => api::response(status, &body),
+                    Err(e) => api::error_response(&e),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => break api::error_response(&e),
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break api::error_response(&ApiError::new(408, "no whole request within 10 s"));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    conn.write_all(&reply)
+}
+
+/// Binds the API socket, replacing a stale one, never a live one.
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by another daemon", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(l)
+}
+
+/// `foresnap daemon`.
+pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
+    let (config, vols) = load(&args.config)?;
+    if args.check {
+        let mut tenants: Vec<&str> = vols.iter().map(|v| v.tenant.as_str()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        println!(
+            "{}: ok: {} volumes ({}) of tenants {}; API on {}",
+            args.config.display(),
+            vols.len(),
+            vols.iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            tenants.join(", "),
+            config.socket.display()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(&config.run_dir)
+        .with_context(|| format!("cannot create {}", config.run_dir.display()))?;
+    let listener = bind(&config.socket)?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
+    let daemon = Arc::new(Daemon {
+        vols: vols.into_iter().map(Arc::new).collect(),
+        restores: Mutex::new(Vec::new()),
+        next_restore: AtomicU64::new(1),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let supervisors: Vec<_> = daemon
+        .vols
+        .iter()
+        .map(|v| {
+            let (v, stop) = (v.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("vol-{}", v.name))
+                .spawn(move || supervise(&v, &stop))
+                .context("cannot start a supervisor thread")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let api = daemon.clone();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        let d = api.clone();
+                        let _ =
+                            std::thread::Builder::new()
+                                .name("api-conn".into())
+                                .spawn(move || {
+                                    if let Err(e) = handle(&d, c) {
+                                        log::warn!("control API connection: {e}");
+                                    }
+                                });
+                    }
+                    Err(e) => log::warn!("control API socket: {e}"),
+                }
+            }
+        })
+        .context("cannot start the API thread")?;
+    println!(
+        "daemon ready: {} volumes, API on {}",
+        daemon.vols.len(),
+        config.socket.display()
+    );
+    let _ = std::io::stdout().flush();
+    if let Some(sig) = signals.forever().next() {
+        eprintln!("foresnap daemon: signal {sig}: stopping every volume");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for v in &daemon.vols {
+        if let Some(pid) = v.state.lock().unwrap_or_else(PoisonError::into_inner).pid {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped
+            // before its supervisor's wait returns.
+            unsafe { libc::kill(libc::pid_t::try_from(pid).unwrap_or(0), libc::SIGTERM) };
+        }
+    }
+    for s in supervisors {
+        let _ = s.join();
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+/// Client: `method path` to the daemon at `socket`, as `tenant`.
+pub fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    tenant: Option<&str>,
+    body: Option<&Value>,
+) -> anyhow::Result<Value> {
+    let mut conn = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the daemon at {} (is foresnap daemon running?)",
+            socket.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    conn.write_all(&api::request_bytes(method, path, tenant, body))?;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf)
+        .with_context(|| format!("no answer from {}", socket.display()))?;
+    let (status, v) = api::parse_response(&buf).map_err(anyhow::Error::msg)?;
+    if !(200..300).contains(&status) {
+        bail!("{}", v["error"].as_str().unwrap_or("the daemon refused"));
+    }
+    Ok(v)
+}
+
+/// `foresnap volumes`.
+pub fn volumes(args: &crate::cli::VolumesArgs) -> anyhow::Result<()> {
+    let socket = args.daemon.socket();
+    let tenant = args.daemon.tenant.as_deref();
+    let vols = call(&socket, Method::Get, "/v1/volumes", tenant, None)?;
+    let dests = call(&socket, Method::Get, "/v1/destinations", tenant, None)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"volumes": vols["volumes"], "destinations": dests["destinations"]})
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<16} {:<12} {:<11} {:<14} {:>8}  {:<10} UPLOAD",
+        "VOLUME", "TENANT", "STATE", "DEVICE", "RESTARTS", "DEST"
+    )?;
+    let empty = Vec::new();
+    let dests = dests["destinations"].as_array().unwrap_or(&empty);
+    for v in vols["volumes"].as_array().unwrap_or(&empty) {
+        let d = dests.iter().find(|d| d["volume"] == v["name"]);
+        let upload = d
+            .map(|d| &d["upload"])
+            .filter(|u| !u.is_null())
+            .map_or_else(
+                || "-".to_owned(),
+                |u| {
+                    if u["failing_since_ms"].is_null() {
+                        u["last_uploaded"]["snapshot"]
+                            .as_u64()
+                            .map_or("ok, nothing stored yet".into(), |s| {
+                                format!("ok, snapshot {s} stored")
+                            })
+                    } else {
+                        format!("FAILING: {}", u["last_error"].as_str().unwrap_or("?"))
+                    }
+                },
+            );
+        let n_dest = v["dest"].as_array().map_or(0, Vec::len);
+        writeln!(
+            out,
+            "{:<16} {:<12} {:<11} {:<14} {:>8}  {:<10} {upload}",
+            v["name"].as_str().unwrap_or("?"),
+            v["tenant"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+            v["device"].as_str().unwrap_or("-"),
+            v["restarts"],
+            match n_dest {
+                0 => "none".to_owned(),
+                1 => "1".to_owned(),
+                n => format!("{n} {}", v["dest_policy"].as_str().unwrap_or("")),
+            },
+        )?;
+    }
+    Ok(())
+}
