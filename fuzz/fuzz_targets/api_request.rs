@@ -25,13 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let bytes: Vec<u8> = if mode & 1 == 0 {
-        rest.to_vec()
-    } else {
-        rest.iter()
-            .flat_map(|&b| TOKENS[usize::from(b) % TOKENS.len()].iter().copied())
-            .collect()
-    };
+    let bytes = foresnap_fuzz::expand(mode, rest, TOKENS);
     let whole = decode(&bytes);
     match &whole {
         Err(e) => assert!((400..500).contains(&e.status), "{e}"),
@@ -63,7 +57,10 @@ fuzz_target!(|data: &[u8]| {
                     break;
                 }
                 Err(e) => {
-                    assert!(whole.is_err(), "a prefix refused ({e}) what the whole takes");
+                    assert!(
+                        whole.is_err(),
+                        "a prefix refused ({e}) what the whole takes"
+                    );
                     break;
                 }
             }

@@ -27,13 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let bytes: Vec<u8> = if mode & 1 == 0 {
-        rest.to_vec()
-    } else {
-        rest.iter()
-            .flat_map(|&b| TOKENS[usize::from(b) % TOKENS.len()].iter().copied())
-            .collect()
-    };
+    let bytes = foresnap_fuzz::expand(mode, rest, TOKENS);
     let Ok(text) = std::str::from_utf8(&bytes) else {
         return;
     };
@@ -41,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(c) => c,
         Err(e) => {
             let msg = e.to_string();
-            assert!(!msg.is_empty() && !msg.contains('\n'), "not one line: {msg:?}");
+            assert!(
+                !msg.is_empty() && !msg.contains('\n'),
+                "not one line: {msg:?}"
+            );
             return;
         }
     };
@@ -49,11 +46,19 @@ fuzz_target!(|data: &[u8]| {
     assert!(c.socket.is_absolute() && c.run_dir.is_absolute());
     for (i, v) in c.volumes.iter().enumerate() {
         assert!(valid_name(&v.name) && valid_name(&v.tenant), "{v:?}");
-        assert!(c.volumes[..i].iter().all(|w| w.name != v.name), "duplicate {}", v.name);
+        assert!(
+            c.volumes[..i].iter().all(|w| w.name != v.name),
+            "duplicate {}",
+            v.name
+        );
         assert!(v.get("backing").is_some(), "{} has no backing", v.name);
         for o in &v.options {
             assert!(!["control", "no-tracking", "name", "tenant"].contains(&o.key.as_str()));
-            assert!(o.key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+            assert!(
+                o.key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            );
             assert!(o.line >= 1 && o.line <= text.lines().count().max(1) + 1);
             let words = o.value.args(&o.key);
             match &o.value {

@@ -22,6 +22,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// A clap error in one line: its message runs until the first blank line
+/// (then come usage and hints), folded, without clap's `error: `.
+pub fn one_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let msg: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = msg.join(" ");
+    msg.strip_prefix("error: ").unwrap_or(&msg).to_owned()
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Expose a backing file or block device as /dev/ublkbN and serve it in

@@ -130,15 +130,8 @@ fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
                         .map(str::to_owned)
                 })
                 .unwrap_or_default();
-            let text = e.to_string();
-            let msg: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            let msg = msg.join(" ");
-            let msg = msg.strip_prefix("error: ").unwrap_or(&msg).to_owned();
-            let msg = msg.replace("unexpected argument '--", "not an option of serve: '--");
+            let msg = crate::cli::one_line(&e)
+                .replace("unexpected argument '--", "not an option of serve: '--");
             return Err(if key.is_empty() {
                 ConfigError {
                     field: format!("volume {:?}", v.name),

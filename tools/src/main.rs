@@ -31,17 +31,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // One line: what is wrong, and where to read more.
-            // clap's message runs until the first blank line (then come
-            // usage and hints); fold it into one line.
-            let text = e.to_string();
-            let msg: Vec<&str> = text
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            let msg = msg.join(" ");
-            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
-            eprintln!("foresnap: {msg} (see foresnap --help)");
+            eprintln!("foresnap: {} (see foresnap --help)", cli::one_line(&e));
             return ExitCode::from(2);
         }
     };
