@@ -528,8 +528,35 @@ fn two_tenants_volumes_in_one_daemon_driven_by_the_cli() {
     common::wait_for_path(Path::new(&dev_b2));
     assert_eq!(sha256(Path::new(&dev_b2), 32 << 20), sums[1]);
     assert_eq!(d.wait_running("a", 0)["pid"], a["pid"]);
-    d.ok(&["snapshot", "--volume", "b"]);
+    let out = d.ok(&["snapshot", "--volume", "b"]);
+    let last_b: u32 = out.split(' ').nth(3).unwrap().parse().unwrap();
 
+    // A clean stop removes every device; a new daemon on the same file
+    // serves the volumes again, their rings continuing their epochs.
     d.stop();
+    assert_no_ublk_devices();
+    let mut d = Daemon::start(&config, &socket);
+    d.wait_running("a", 0);
+    let b3 = d.wait_running("b", 0);
+    common::wait_for_path(Path::new(&dev(&b3)));
+    assert_eq!(sha256(Path::new(&dev(&b3)), 32 << 20), sums[1]);
+    let out = d.ok(&["snapshot", "--volume", "b"]);
+    let next_b: u32 = out.split(' ').nth(3).unwrap().parse().unwrap();
+    assert!(next_b > last_b, "snapshot {next_b} after {last_b}: {out}");
+
+    // A daemon killed outright: the kernel sends its servers SIGTERM
+    // (PR_SET_PDEATHSIG) and they remove their devices.
+    let mut child = d.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !common::ublk_block_devices().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "devices outlived their daemon: {:?}",
+            common::ublk_block_devices()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_no_ublk_devices();
 }
