@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use crate::upload::UploadView;
 use anyhow::{Context, bail};
+use foresnap_driver::hydrate::Hydration;
 use foresnap_driver::tracking::Tracker;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -44,7 +45,12 @@ pub enum Request {
 
 /// Binds `path` (replacing a stale socket left by a killed daemon, never a
 /// live one) and serves requests on a thread until the process exits.
-pub fn serve(path: &Path, tracker: Arc<Tracker>, upload: Option<UploadView>) -> anyhow::Result<()> {
+pub fn serve(
+    path: &Path,
+    tracker: Arc<Tracker>,
+    upload: Option<UploadView>,
+    hydration: Option<Arc<Hydration>>,
+) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -69,7 +75,7 @@ pub fn serve(path: &Path, tracker: Arc<Tracker>, upload: Option<UploadView>) -> 
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &tracker, upload.as_ref()) {
+                        if let Err(e) = handle(c, &tracker, upload.as_ref(), hydration.as_deref()) {
                             log::warn!("control connection: {e:#}");
                         }
                     }
@@ -81,7 +87,12 @@ pub fn serve(path: &Path, tracker: Arc<Tracker>, upload: Option<UploadView>) -> 
     Ok(())
 }
 
-fn handle(conn: UnixStream, tracker: &Tracker, upload: Option<&UploadView>) -> anyhow::Result<()> {
+fn handle(
+    conn: UnixStream,
+    tracker: &Tracker,
+    upload: Option<&UploadView>,
+    hydration: Option<&Hydration>,
+) -> anyhow::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -91,7 +102,7 @@ fn handle(conn: UnixStream, tracker: &Tracker, upload: Option<&UploadView>) -> a
         return Ok(());
     } else {
         match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => answer(&req, tracker, upload),
+            Ok(req) => answer(&req, tracker, upload, hydration),
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         }
     };
@@ -100,7 +111,12 @@ fn handle(conn: UnixStream, tracker: &Tracker, upload: Option<&UploadView>) -> a
     Ok(())
 }
 
-fn answer(req: &Request, tracker: &Tracker, upload: Option<&UploadView>) -> Value {
+fn answer(
+    req: &Request,
+    tracker: &Tracker,
+    upload: Option<&UploadView>,
+    hydration: Option<&Hydration>,
+) -> Value {
     let deadlines = upload.and_then(|u| u.deadlines.as_deref());
     match req {
         Request::Snapshot => match tracker.close() {
@@ -158,6 +174,17 @@ fn answer(req: &Request, tracker: &Tracker, upload: Option<&UploadView>) -> Valu
                         "dropped_total": st.dropped_total,
                         "failing_since_ms": st.failing_since_ms,
                         "last_error": st.last_error,
+                    })
+                }),
+                // A lazily restored volume's hydration.
+                "hydration": hydration.map(|h| {
+                    let p = h.progress();
+                    json!({
+                        "chunks": p.chunks,
+                        "ready": p.ready,
+                        "failed": p.failed,
+                        "on_demand": p.on_demand,
+                        "chunk_bytes": h.chunk_bytes(),
                     })
                 }),
                 "closed": s.closed.iter().map(|e| json!({

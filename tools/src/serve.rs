@@ -76,6 +76,7 @@ pub fn serve_device(
     let ready_shutdown = shutdown.clone();
     let hydration = lazy.as_ref().map(|l| l.hydration.clone());
     let hydration_source = hydration.clone();
+    let hydration_control = hydration.clone();
     let hydrator = Arc::new(Mutex::new(None::<std::thread::JoinHandle<()>>));
     let hydrator_slot = hydrator.clone();
     let (queues, target) = (cfg.queues, cfg.backing.clone());
@@ -109,7 +110,7 @@ pub fn serve_device(
                 s.upload.clone_from(&view);
             }
             let path = control_arg.unwrap_or_else(|| control::default_socket(info.id));
-            if let Err(e) = control::serve(&path, tracker.clone(), view) {
+            if let Err(e) = control::serve(&path, tracker.clone(), view, hydration_control) {
                 // No control path means no snapshots: do not serve a
                 // device that looks tracked but cannot be snapshotted.
                 eprintln!("foresnap: {e:#}");
@@ -452,6 +453,23 @@ fn render_status(v: &serde_json::Value, out: &mut String) -> std::fmt::Result {
         v["cow_blocks"], v["preserve_slots_used"]
     )?;
     writeln!(out, "deferred writes   {}", v["deferred_writes"])?;
+    let h = &v["hydration"];
+    if !h.is_null() {
+        let (chunks, ready) = (
+            h["chunks"].as_u64().unwrap_or(0),
+            h["ready"].as_u64().unwrap_or(0),
+        );
+        writeln!(
+            out,
+            "hydration         {}% ({ready} of {chunks} chunks restored, {} on demand{})",
+            ready * 100 / chunks.max(1),
+            h["on_demand"],
+            match h["failed"].as_u64() {
+                Some(0) | None => String::new(),
+                Some(n) => format!(", {n} FAILED: their I/O fails with EIO; run the restore again"),
+            }
+        )?;
+    }
     print_upload(&v["upload"], out)?;
     print_prune(&v["prune"], out)?;
     print_schedule(&v["schedule"], out)?;

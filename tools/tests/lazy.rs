@@ -97,6 +97,16 @@ fn lazy_restore_serves_ext4_while_it_hydrates() {
     );
     let (status, during) = http_get(port, "/metrics");
     assert!(status.contains("200"), "{status}");
+    // `status` shows the hydration's progress too.
+    let text = run(foresnap().args(["status", "--control", sock.to_str().unwrap()]));
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("hydration "))
+        .unwrap_or_else(|| panic!("no hydration line: {text}"));
+    assert!(
+        line.contains("of 96 chunks restored") && line.contains("on demand"),
+        "{line}"
+    );
     let chunks = metric(&during, "foresnap_hydration_chunks");
     assert_eq!(chunks, 96.0, "{during}");
     let ready = metric(&during, "foresnap_hydration_chunks_ready");
@@ -120,6 +130,11 @@ fn lazy_restore_serves_ext4_while_it_hydrates() {
         metric(&after, "foresnap_hydration_chunks_failed"),
         0.0,
         "{after}"
+    );
+    let text = run(foresnap().args(["status", "--control", sock.to_str().unwrap()]));
+    assert!(
+        text.contains("hydration         100% (96 of 96 chunks restored"),
+        "{text}"
     );
     let same = sh(&format!(
         "cmp {img} {dev} && cmp {img} {t} && echo SAME",
