@@ -261,11 +261,18 @@ pub fn resolve(socket: Option<&Path>) -> anyhow::Result<PathBuf> {
             d.flatten()
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                // The daemon's API speaks HTTP, not this protocol.
+                .filter(|p| p.as_path() != Path::new(foresnap_control::config::DEFAULT_SOCKET))
                 .collect()
         })
         .unwrap_or_default();
     match found.as_slice() {
         [one] => Ok(one.clone()),
+        [] if Path::new(foresnap_control::config::DEFAULT_SOCKET).exists() => bail!(
+            "no serving device in {RUN_DIR}, but foresnap daemon answers at {}: give \
+             --volume NAME (or --control SOCKET)",
+            foresnap_control::config::DEFAULT_SOCKET
+        ),
         [] => bail!("no daemon found in {RUN_DIR}: give --control SOCKET"),
         many => bail!(
             "several daemons in {RUN_DIR} ({}): give --control SOCKET",

@@ -741,8 +741,9 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the API thread")?;
     println!(
-        "daemon ready: {} volumes, API on {}",
+        "daemon ready: {} volume{}, API on {}",
         daemon.vols.len(),
+        if daemon.vols.len() == 1 { "" } else { "s" },
         config.socket.display()
     );
     let _ = std::io::stdout().flush();

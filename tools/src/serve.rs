@@ -332,8 +332,12 @@ pub fn snapshot(args: &ControlArgs) -> anyhow::Result<()> {
 /// `foresnap status`: the tracker's state, one line per item; of a serving
 /// device, or of a daemon's volumes.
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    // Nothing named, and only the daemon runs: every volume of the daemon.
+    let daemon_only = args.control.is_none()
+        && std::path::Path::new(foresnap_control::config::DEFAULT_SOCKET).exists()
+        && control::resolve(None).is_err();
     let (fetch, source): (Box<dyn Fn() -> anyhow::Result<String>>, String) =
-        if args.volume.is_some() || args.daemon.daemon.is_some() {
+        if args.volume.is_some() || args.daemon.daemon.is_some() || daemon_only {
             let socket = args.daemon.socket();
             let tenant = args.daemon.tenant.clone();
             let volume = args.volume.clone();
