@@ -43,32 +43,15 @@ pub enum Request {
     },
 }
 
-/// Binds `path` (replacing a stale socket left by a killed daemon, never a
-/// live one) and serves requests on a thread until the process exits.
+/// Serves requests on `path` (see [`bind`]) on a thread until the process
+/// exits.
 pub fn serve(
     path: &Path,
     tracker: Arc<Tracker>,
     upload: Option<UploadView>,
     hydration: Option<Arc<Hydration>>,
 ) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!(
-                "control socket {} is in use by another daemon",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind control socket {}", path.display()))?;
-    // Root's tool: only the owner may close snapshots.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    let listener = bind(path, "control socket")?;
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -85,6 +68,28 @@ pub fn serve(
         })
         .context("cannot start the control thread")?;
     Ok(())
+}
+
+/// Binds the unix socket `path` (`what` names it in errors): creates its
+/// directory, replaces a stale socket left by a killed process but never a
+/// live one, and lets only the owner (root) connect. Also the daemon's API.
+pub fn bind(path: &Path, what: &str) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{what} {} is in use by another daemon", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind {what} {}", path.display()))?;
+    // Root's tool: only the owner may close snapshots.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))?;
+    Ok(listener)
 }
 
 fn handle(

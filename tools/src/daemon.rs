@@ -13,8 +13,7 @@
 //! (`PR_SET_PDEATHSIG`), so no device outlives its daemon unserved.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -655,24 +654,6 @@ fn handle(daemon: &Arc<Daemon>, mut conn: UnixStream) -> std::io::Result<()> {
     conn.write_all(&reply)
 }
 
-/// Binds the API socket, replacing a stale one, never a live one.
-fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another daemon", path.display());
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict {}", path.display()))?;
-    Ok(l)
-}
-
 /// `foresnap daemon`.
 pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let (config, vols) = load(&args.config)?;
@@ -695,7 +676,7 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.run_dir)
         .with_context(|| format!("cannot create {}", config.run_dir.display()))?;
-    let listener = bind(&config.socket)?;
+    let listener = control::bind(&config.socket, "control API socket")?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
