@@ -229,6 +229,28 @@ fn pump(
     threads
 }
 
+/// Runs `foresnap ARGS` as a [`child`] to its end on this thread (the
+/// thread its death signal follows): `on_spawn` sees it first, its output
+/// goes to [`pump`]. Its exit status, or why it could not run.
+fn run_child(
+    args: &[String],
+    tag: String,
+    on_spawn: impl FnOnce(&mut Child),
+    on_out: impl Fn(&str) + Send + 'static,
+    on_err: impl Fn(&str) + Send + 'static,
+) -> Result<std::process::ExitStatus, String> {
+    let mut c = child(args)
+        .and_then(|mut c| c.spawn().context("cannot start foresnap"))
+        .map_err(|e| format!("{e:#}"))?;
+    on_spawn(&mut c);
+    let threads = pump(&mut c, tag, on_out, on_err);
+    let status = c.wait().map_err(|e| format!("cannot wait: {e}"));
+    for t in threads {
+        let _ = t.join();
+    }
+    status
+}
+
 /// Serves `vol` with `serve` children until `stop`.
 fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
     let mut backoff = BACKOFF_FIRST;
@@ -243,46 +265,41 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
         if let (false, Some(id)) = (fixed_id, &left_behind) {
             args.extend(["--id".to_owned(), id.clone()]);
         }
-        let spawned = child(&args).and_then(|mut c| c.spawn().context("cannot start serve"));
-        let exit = match spawned {
-            Ok(mut c) => {
+        let (v1, v2) = (vol.clone(), vol.clone());
+        let exit = run_child(
+            &args,
+            vol.name.clone(),
+            |c| {
+                let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
+                s.pid = Some(c.id());
+                s.since_ms = now_ms();
+                // A stop that came between the loop's check and here found
+                // no pid to signal: signal this child now.
+                if stop.load(Ordering::Relaxed) {
+                    // SAFETY: kill(2) on our own child, not yet waited for.
+                    unsafe {
+                        libc::kill(libc::pid_t::try_from(c.id()).unwrap_or(0), libc::SIGTERM)
+                    };
+                }
+            },
+            move |line| {
+                if let Some(dev) = line
+                    .strip_prefix("device ")
+                    .and_then(|l| l.strip_suffix(" ready"))
                 {
-                    let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
-                    s.pid = Some(c.id());
-                    s.since_ms = now_ms();
+                    let mut s = v1.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    s.phase = "running";
+                    s.device = Some(dev.to_owned());
                 }
-                let (v1, v2) = (vol.clone(), vol.clone());
-                let threads = pump(
-                    &mut c,
-                    vol.name.clone(),
-                    move |line| {
-                        if let Some(dev) = line
-                            .strip_prefix("device ")
-                            .and_then(|l| l.strip_suffix(" ready"))
-                        {
-                            let mut s = v1.state.lock().unwrap_or_else(PoisonError::into_inner);
-                            s.phase = "running";
-                            s.device = Some(dev.to_owned());
-                        }
-                    },
-                    move |line| {
-                        v2.state
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .last_line = Some(line.to_owned());
-                    },
-                );
-                let status = c.wait();
-                for t in threads {
-                    let _ = t.join();
-                }
-                match status {
-                    Ok(s) => s.to_string(),
-                    Err(e) => format!("cannot wait: {e}"),
-                }
-            }
-            Err(e) => format!("{e:#}"),
-        };
+            },
+            move |line| {
+                v2.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .last_line = Some(line.to_owned());
+            },
+        )
+        .map_or_else(|e| e, |st| st.to_string());
         let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
         s.pid = None;
         left_behind = s
@@ -567,20 +584,15 @@ impl Daemon {
         std::thread::Builder::new()
             .name(format!("restore-{id}"))
             .spawn(move || {
-                let mut c = match child(&args)
-                    .and_then(|mut c| c.spawn().context("cannot start restore"))
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = spawned_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = spawned_tx.send(Ok(()));
                 let on_line = done.clone();
-                let threads = pump(
-                    &mut c,
+                let mut started = false;
+                let status = run_child(
+                    &args,
                     format!("restore {id}"),
+                    |_| {
+                        started = true;
+                        let _ = spawned_tx.send(Ok(()));
+                    },
                     |_| {},
                     move |line| {
                         let line = line.strip_prefix("foresnap: ").unwrap_or(line).to_owned();
@@ -591,9 +603,10 @@ impl Daemon {
                             .progress = Some(line);
                     },
                 );
-                let status = c.wait();
-                for t in threads {
-                    let _ = t.join();
+                if let (false, Err(e)) = (started, &status) {
+                    // Not started: the request fails, no restore is listed.
+                    let _ = spawned_tx.send(Err(e.clone()));
+                    return;
                 }
                 let mut s = done.state.lock().unwrap_or_else(PoisonError::into_inner);
                 s.finished_ms = Some(now_ms());
@@ -603,7 +616,7 @@ impl Daemon {
                         s.phase = "failed";
                         s.error = Some(s.progress.clone().unwrap_or_else(|| match other {
                             Ok(st) => st.to_string(),
-                            Err(e) => e.to_string(),
+                            Err(e) => e,
                         }));
                     }
                 }
@@ -612,7 +625,7 @@ impl Daemon {
         spawned_rx
             .recv()
             .map_err(|_| ApiError::new(500, "the restore thread ended at once"))?
-            .map_err(|e| ApiError::new(500, format!("{e:#}")))?;
+            .map_err(|e| ApiError::new(500, e))?;
         self.restores
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
