@@ -423,9 +423,14 @@ impl Vol {
     fn ask(&self, req: &control::Request) -> Result<Value, ApiError> {
         self.running()?;
         control::call(&self.socket, req).map_err(|e| {
-            // Reached but refused: the request conflicts with the state.
-            let status = if e.to_string().starts_with("cannot reach") {
+            // Not reached or not answering: 503; an answer that is not the
+            // protocol: 502; a refusal (the request conflicts with the
+            // volume's state): 409.
+            let cause = e.root_cause();
+            let status = if cause.is::<std::io::Error>() {
                 503
+            } else if cause.is::<serde_json::Error>() {
+                502
             } else {
                 409
             };
@@ -842,4 +847,69 @@ pub fn volumes(args: &crate::cli::VolumesArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running_vol(socket: PathBuf) -> Vol {
+        Vol {
+            name: "v".into(),
+            tenant: "t".into(),
+            args: Vec::new(),
+            socket,
+            metrics: None,
+            dest: Vec::new(),
+            dest_policy: "single".into(),
+            dest_volume: "t.v".into(),
+            key_file: None,
+            key_env: None,
+            state: Mutex::new(VolState {
+                phase: "running",
+                ..VolState::default()
+            }),
+        }
+    }
+
+    /// A volume server that answers each connection with `answer`.
+    fn server(path: &Path, answer: &'static str) {
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().map_while(Result::ok) {
+                let mut line = String::new();
+                let _ = BufReader::new(c.try_clone().unwrap()).read_line(&mut line);
+                let _ = c.write_all(answer.as_bytes());
+            }
+        });
+    }
+
+    #[test]
+    fn a_servers_failures_map_to_their_statuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = |v: &Vol| v.ask(&control::Request::Status).unwrap_err().status;
+        // Nobody there: not answering.
+        assert_eq!(status(&running_vol(dir.path().join("none.sock"))), 503);
+        let garbled = dir.path().join("garbled.sock");
+        server(&garbled, "not json\n");
+        assert_eq!(status(&running_vol(garbled)), 502);
+        let refusing = dir.path().join("refusing.sock");
+        server(
+            &refusing,
+            "{\"ok\":false,\"error\":\"snapshot 3 is not awaiting upload\"}\n",
+        );
+        let e = running_vol(refusing)
+            .ask(&control::Request::Status)
+            .unwrap_err();
+        assert_eq!(e.status, 409);
+        assert!(e.message.contains("not awaiting upload"), "{e}");
+        let answering = dir.path().join("ok.sock");
+        server(&answering, "{\"ok\":true,\"open_epoch\":4}\n");
+        assert_eq!(
+            running_vol(answering)
+                .ask(&control::Request::Status)
+                .unwrap()["open_epoch"],
+            4
+        );
+    }
 }
