@@ -5,6 +5,16 @@
 //! socket = "/run/foresnap/daemon.sock"   # the control API (default)
 //! run_dir = "/run/foresnap/volumes"      # per-volume sockets (default)
 //!
+//! [[tenant]]
+//! name = "acme"
+//! # where acme's volumes may keep snapshots (each volume's dest must lie
+//! # inside one of these; no two tenants' places overlap)
+//! destinations = ["s3://backups/acme?endpoint=http://127.0.0.1:8333", "file:///srv/acme"]
+//! # acme's own S3 key, for its s3:// destinations (the secret's file must
+//! # not be readable by group or others)
+//! access-key-id = "acme-key"
+//! secret-key-file = "/etc/foresnap/acme.secret"
+//!
 //! [[volume]]
 //! name = "db"                # the API's name for it
 //! tenant = "acme"            # who owns it: scopes the API
@@ -14,6 +24,12 @@
 //! every = "15m"
 //! keep-last = 8
 //! ```
+//!
+//! Every volume's `tenant` has a `[[tenant]]`: the places its snapshots may
+//! go and the key they are written with are the tenant's own, so no
+//! volume can be pointed at another tenant's snapshots. The daemon then
+//! proves, before it serves a volume, that the tenant's key can write to
+//! each of the volume's destinations.
 //!
 //! Apart from `name` and `tenant`, a volume's keys are `foresnap serve`'s
 //! long options (`ring-size` or `ring_size` for `--ring-size`), so the file
@@ -55,7 +71,73 @@ const RESERVED: &[(&str, &str)] = &[
 pub struct Config {
     pub socket: PathBuf,
     pub run_dir: PathBuf,
+    pub tenants: Vec<Tenant>,
     pub volumes: Vec<Volume>,
+}
+
+/// One `[[tenant]]`: where its volumes' snapshots may go, and its S3 key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub name: String,
+    /// The line of its `[[tenant]]` header (1-based), for messages.
+    pub line: usize,
+    /// Destinations (or prefixes of them) its volumes may use.
+    pub destinations: Vec<String>,
+    /// Its S3 access key id and the file holding the secret; both or
+    /// neither, and both when a destination is `s3://`.
+    pub access_key_id: Option<String>,
+    pub secret_key_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The tenant named `name` (every volume's tenant is declared).
+    pub fn tenant(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+/// Where a destination URL keeps its objects, to tell whether one
+/// destination lies inside another: the store (`file`, or `s3` with its
+/// endpoint) and the path in it (a directory, or bucket and prefix),
+/// without trailing `/`. `None` for what is not a destination URL, or a
+/// path with empty, `.` or `..` parts (which could step out of a place).
+pub fn place(url: &str) -> Option<(String, String)> {
+    let (store, path) = if let Some(p) = url.strip_prefix("file://") {
+        ("file".to_owned(), p.strip_prefix('/')?)
+    } else if let Some(rest) = url.strip_prefix("s3://") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let endpoint = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("endpoint="))
+            .unwrap_or("aws")
+            .trim_end_matches('/');
+        if path.is_empty() || path.starts_with('/') {
+            return None;
+        }
+        (format!("s3 {endpoint}"), path)
+    } else {
+        return None;
+    };
+    let path = path.trim_end_matches('/');
+    if !path.is_empty()
+        && path
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return None;
+    }
+    Some((store, path.to_owned()))
+}
+
+/// Whether destination `inner` lies inside `outer` (both [`place`]s).
+pub fn inside(inner: &(String, String), outer: &(String, String)) -> bool {
+    inner.0 == outer.0
+        && (outer.1.is_empty()
+            || inner.1 == outer.1
+            || inner
+                .1
+                .strip_prefix(outer.1.as_str())
+                .is_some_and(|r| r.starts_with('/')))
 }
 
 /// One `[[volume]]`.
@@ -138,6 +220,8 @@ impl std::error::Error for ConfigError {}
 struct File {
     daemon: Option<Spanned<DaemonSection>>,
     #[serde(default)]
+    tenant: Vec<Spanned<TenantSection>>,
+    #[serde(default)]
     volume: Vec<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
 }
 
@@ -146,6 +230,17 @@ struct File {
 struct DaemonSection {
     socket: Option<Spanned<String>>,
     run_dir: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantSection {
+    name: Spanned<String>,
+    destinations: Spanned<Vec<Spanned<String>>>,
+    #[serde(rename = "access-key-id", alias = "access_key_id")]
+    access_key_id: Option<Spanned<String>>,
+    #[serde(rename = "secret-key-file", alias = "secret_key_file")]
+    secret_key_file: Option<Spanned<String>>,
 }
 
 /// The 1-based line of byte `at` of `text`.
@@ -188,6 +283,7 @@ impl Config {
                 }
             }
         }
+        let tenants = tenants(text, &file.tenant)?;
         if file.volume.is_empty() {
             return Err(ConfigError {
                 field: "volume".into(),
@@ -197,7 +293,9 @@ impl Config {
         }
         let mut volumes: Vec<Volume> = Vec::with_capacity(file.volume.len());
         for (i, table) in file.volume.iter().enumerate() {
-            volumes.push(volume(text, i, table)?);
+            let v = volume(text, i, table)?;
+            within_tenant(&v, &tenants)?;
+            volumes.push(v);
         }
         // What must differ between volumes.
         for (i, v) in volumes.iter().enumerate() {
@@ -225,9 +323,171 @@ impl Config {
         Ok(Config {
             socket,
             run_dir,
+            tenants,
             volumes,
         })
     }
+}
+
+/// The `[[tenant]]` tables, checked: names, places, keys, and that no two
+/// tenants' places overlap.
+fn tenants(text: &str, tables: &[Spanned<TenantSection>]) -> Result<Vec<Tenant>, ConfigError> {
+    let mut out: Vec<Tenant> = Vec::with_capacity(tables.len());
+    for (i, t) in tables.iter().enumerate() {
+        let line = line_of(text, t.span().start);
+        let t = t.get_ref();
+        let at = |s: std::ops::Range<usize>| Some(line_of(text, s.start));
+        let name = t.name.get_ref();
+        if !valid_name(name) {
+            return Err(ConfigError {
+                field: format!("tenant #{}: name", i + 1),
+                line: at(t.name.span()),
+                reason: format!("{name:?}: {NAME_RULE}"),
+            });
+        }
+        let field = |key: &str| format!("tenant {name:?}: {key}");
+        if let Some(other) = out.iter().find(|o| o.name == *name) {
+            return Err(ConfigError {
+                field: field("name"),
+                line: at(t.name.span()),
+                reason: format!("also the name of the tenant at line {}", other.line),
+            });
+        }
+        if t.destinations.get_ref().is_empty() {
+            return Err(ConfigError {
+                field: field("destinations"),
+                line: at(t.destinations.span()),
+                reason: "empty: list where this tenant's snapshots may go".into(),
+            });
+        }
+        let mut has_s3 = false;
+        for d in t.destinations.get_ref() {
+            let bad = |reason: String| ConfigError {
+                field: field("destinations"),
+                line: at(d.span()),
+                reason,
+            };
+            let Some(p) = place(d.get_ref()) else {
+                return Err(bad(format!(
+                    "{:?} is not a destination: use file:///PATH or s3://BUCKET/PREFIX?endpoint=URL",
+                    d.get_ref()
+                )));
+            };
+            has_s3 |= p.0.starts_with("s3");
+            // Whole places are compared, so either order of two
+            // overlapping tenants is caught at the second one.
+            for o in &out {
+                for od in &o.destinations {
+                    let q = place(od).unwrap_or_default();
+                    if inside(&p, &q) || inside(&q, &p) {
+                        return Err(bad(format!(
+                            "{:?} overlaps {od:?} of tenant {:?} (line {}): a tenant's destinations are its own",
+                            d.get_ref(),
+                            o.name,
+                            o.line
+                        )));
+                    }
+                }
+            }
+        }
+        let key_id = t.access_key_id.as_ref().map(|k| k.get_ref().clone());
+        let secret = t.secret_key_file.as_ref();
+        if let Some(s) = secret
+            && (!s.get_ref().starts_with('/') || s.get_ref().contains('\0'))
+        {
+            return Err(ConfigError {
+                field: field("secret-key-file"),
+                line: at(s.span()),
+                reason: format!("{:?} is not an absolute path", s.get_ref()),
+            });
+        }
+        if let Some(k) = &t.access_key_id
+            && (k.get_ref().is_empty() || !k.get_ref().bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError {
+                field: field("access-key-id"),
+                line: at(k.span()),
+                reason: "give the key id: printable characters, no spaces".into(),
+            });
+        }
+        if key_id.is_some() != secret.is_some() {
+            return Err(ConfigError {
+                field: field(if key_id.is_some() {
+                    "secret-key-file"
+                } else {
+                    "access-key-id"
+                }),
+                line: Some(line),
+                reason: "missing: give access-key-id and secret-key-file together".into(),
+            });
+        }
+        if has_s3 && key_id.is_none() {
+            return Err(ConfigError {
+                field: field("access-key-id"),
+                line: Some(line),
+                reason: "missing: an s3:// destination is written with the tenant's own key \
+                         (access-key-id and secret-key-file), never the daemon's"
+                    .into(),
+            });
+        }
+        out.push(Tenant {
+            name: name.clone(),
+            line,
+            destinations: t
+                .destinations
+                .get_ref()
+                .iter()
+                .map(|d| d.get_ref().clone())
+                .collect(),
+            access_key_id: key_id,
+            secret_key_file: secret.map(|s| PathBuf::from(s.get_ref())),
+        });
+    }
+    Ok(out)
+}
+
+/// A volume's tenant is declared, and each of its destinations lies inside
+/// one of the tenant's.
+fn within_tenant(v: &Volume, tenants: &[Tenant]) -> Result<(), ConfigError> {
+    let Some(t) = tenants.iter().find(|t| t.name == v.tenant) else {
+        return Err(ConfigError {
+            field: format!("volume {:?}: tenant", v.name),
+            line: Some(v.line),
+            reason: format!(
+                "{:?} is not declared: add a [[tenant]] with name = {:?} and its destinations",
+                v.tenant, v.tenant
+            ),
+        });
+    };
+    let Some(dest) = v.get("dest") else {
+        return Ok(());
+    };
+    let dests = match &dest.value {
+        Value::Str(s) => std::slice::from_ref(s),
+        Value::List(l) => l.as_slice(),
+        // serve's parser refuses these with the field's name.
+        Value::Int(_) | Value::Bool(_) => return Ok(()),
+    };
+    for d in dests {
+        let ok = place(d).is_some_and(|p| {
+            t.destinations
+                .iter()
+                .filter_map(|td| place(td))
+                .any(|q| inside(&p, &q))
+        });
+        if !ok {
+            return Err(ConfigError {
+                field: format!("volume {:?}: dest", v.name),
+                line: Some(dest.line),
+                reason: format!(
+                    "{d:?} is not inside a destination of tenant {:?} ({})",
+                    t.name,
+                    t.destinations.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A value in a message: strings quoted, numbers as written, the rest by
@@ -359,6 +619,16 @@ mod tests {
 [daemon]
 socket = "/tmp/d.sock"
 
+[[tenant]]
+name = "acme"
+destinations = ["file:///b1", "file:///b2/"]
+
+[[tenant]]
+name = "globex"
+destinations = ["s3://globex-backups?endpoint=http://127.0.0.1:8333"]
+access_key_id = "globex"
+secret-key-file = "/etc/foresnap/globex.secret"
+
 [[volume]]
 name = "db"
 tenant = "acme"
@@ -385,7 +655,7 @@ backing = "/var/lib/logs.img"
         let db = &c.volumes[0];
         assert_eq!(
             (db.name.as_str(), db.tenant.as_str(), db.line),
-            ("db", "acme", 5)
+            ("db", "acme", 15)
         );
         let args: Vec<String> = db
             .options
@@ -397,7 +667,14 @@ backing = "/var/lib/logs.img"
             "--backing /var/lib/db.img --dest file:///b1 --dest file:///b2 --dest-policy mirror \
              --every 15m --keep-last 8 --ring-size 4M --utc"
         );
-        assert_eq!(db.get("ring-size").unwrap().line, 9);
+        assert_eq!(db.get("ring-size").unwrap().line, 19);
+        let globex = c.tenant("globex").unwrap();
+        assert_eq!(globex.access_key_id.as_deref(), Some("globex"));
+        assert_eq!(
+            globex.secret_key_file.as_deref(),
+            Some(std::path::Path::new("/etc/foresnap/globex.secret"))
+        );
+        assert_eq!(c.tenant("acme").unwrap().access_key_id, None);
     }
 
     fn err(text: &str) -> String {
@@ -409,7 +686,14 @@ backing = "/var/lib/logs.img"
         let one = |extra: &str| {
             format!("[[volume]]\nname = \"db\"\ntenant = \"acme\"\nbacking = \"/x\"\n{extra}")
         };
-        assert!(Config::parse(&one("")).is_ok());
+        // The same, after a tenant acme of 2 lines.
+        let with = |extra: &str| {
+            format!(
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\n{}",
+                one(extra)
+            )
+        };
+        assert!(Config::parse(&with("")).is_ok());
         let cases = [
             (
                 one("ring_size = -4"),
@@ -464,12 +748,78 @@ backing = "/var/lib/logs.img"
                 "line 1: volume \"db\": backing: missing",
             ),
             (
-                format!("{}\n{}", one(""), one("")),
-                "line 6: volume \"db\": name: also the name of the volume at line 1",
+                format!("{}\n{}", with(""), one("")),
+                "line 9: volume \"db\": name: also the name of the volume at line 4",
             ),
             (
-                format!("{}\n{}", one(""), one("").replace("\"db\"", "\"db2\"")),
-                "line 9: volume \"db2\": backing: volume \"db\" has the same backing",
+                format!("{}\n{}", with(""), one("").replace("\"db\"", "\"db2\"")),
+                "line 12: volume \"db2\": backing: volume \"db\" has the same backing",
+            ),
+            // Tenants.
+            (
+                one(""),
+                "line 1: volume \"db\": tenant: \"acme\" is not declared",
+            ),
+            (
+                with("dest = \"file:///c\""),
+                "line 8: volume \"db\": dest: \"file:///c\" is not inside a destination of tenant \"acme\" (file:///b)",
+            ),
+            (
+                with("dest = [\"file:///b/v\", \"file:///bb\"]"),
+                "line 8: volume \"db\": dest: \"file:///bb\" is not inside",
+            ),
+            (
+                with("dest = \"file:///b/../c\""),
+                "line 8: volume \"db\": dest: \"file:///b/../c\" is not inside",
+            ),
+            (
+                format!(
+                    "[[tenant]]\nname = \"globex\"\ndestinations = [\"file:///\"]\n{}",
+                    with("")
+                ),
+                "line 6: tenant \"acme\": destinations: \"file:///b\" overlaps \"file:///\" of tenant \"globex\" (line 1)",
+            ),
+            (
+                format!(
+                    "[[tenant]]\nname = \"acme\"\ndestinations = [\"s3://b/x?endpoint=http://h:1\"]\n\
+                     access-key-id = \"k\"\nsecret-key-file = \"/s\"\n\
+                     [[tenant]]\nname = \"globex\"\ndestinations = [\"s3://b/x/y?endpoint=http://h:1/\"]\n{}",
+                    one("")
+                ),
+                "line 8: tenant \"globex\": destinations: \"s3://b/x/y?endpoint=http://h:1/\" overlaps",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"s3://bkt\"]\n".into(),
+                "line 1: tenant \"acme\": access-key-id: missing: an s3:// destination is written with the tenant's own key",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\naccess-key-id = \"k\"\n".into(),
+                "line 1: tenant \"acme\": secret-key-file: missing: give access-key-id and secret-key-file together",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\naccess-key-id = \"k\"\nsecret-key-file = \"s\"\n".into(),
+                "line 5: tenant \"acme\": secret-key-file: \"s\" is not an absolute path",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = []\n".into(),
+                "line 3: tenant \"acme\": destinations: empty",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"ftp://x\"]\n".into(),
+                "line 3: tenant \"acme\": destinations: \"ftp://x\" is not a destination",
+            ),
+            (
+                "[[tenant]]\nname = \"Acme\"\ndestinations = [\"file:///b\"]\n".into(),
+                "line 2: tenant #1: name: \"Acme\": use 1 to 63",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\n\
+                 [[tenant]]\nname = \"acme\"\ndestinations = [\"file:///c\"]\n".into(),
+                "line 5: tenant \"acme\": name: also the name of the tenant at line 1",
+            ),
+            (
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\nkey = 1\n".into(),
+                "line 4: unknown field `key`",
             ),
             (
                 format!("[daemon]\nsocket = \"rel.sock\"\n{}", one("")),

@@ -2,14 +2,16 @@
 //! error is one line that names what is wrong, and a file that loads holds
 //! together: at least one volume, every name and tenant valid, names
 //! unique, every volume with its backing, no option the daemon sets
-//! itself, keys in kebab-case.
+//! itself, keys in kebab-case; every volume's tenant declared, each of its
+//! destinations inside one of its tenant's, no two tenants' places
+//! overlapping, and an S3 place only with the tenant's own key.
 //!
 //! The first byte picks raw bytes (bit 0 clear) or tokens (set): each byte
 //! then names a word of the format ([`TOKENS`]), so that a short run
 //! reaches well-formed tables and their near misses.
 #![no_main]
 
-use foresnap_control::config::{Config, Value};
+use foresnap_control::config::{Config, Value, inside, place};
 use foresnap_control::valid_name;
 use libfuzzer_sys::fuzz_target;
 
@@ -21,6 +23,9 @@ const TOKENS: &[&[u8]] = &[
     b"\"/x\"", b"\"/y\"", b"\"rel\"", b"\"DB\"", b"[", b"]", b",", b"{", b"}", b"0", b"1", b"-1",
     b"9223372036854775807", b"1.5", b"true", b"false", b"#", b"\"\\u0000\"", b"\"\"", b".",
     b"\"\"\"", b"1979-05-27", b"\r\n", b" ",
+    b"[[tenant]]\n", b"destinations", b"access-key-id", b"secret_key_file", b"\"file:///b\"",
+    b"\"file:///b/c\"", b"\"file:///\"", b"\"file:///b/../c\"", b"\"s3://bkt/p?endpoint=http://h\"",
+    b"\"s3://bkt\"", b"\"s3://bkt/p/q\"", b"\"acme\"", b"\"k\"", b"\"/k\"", b"\"file:///b/\"",
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -44,7 +49,42 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(!c.volumes.is_empty(), "a config without volumes loaded");
     assert!(c.socket.is_absolute() && c.run_dir.is_absolute());
+    for (i, t) in c.tenants.iter().enumerate() {
+        assert!(valid_name(&t.name) && !t.destinations.is_empty(), "{t:?}");
+        assert_eq!(t.access_key_id.is_some(), t.secret_key_file.is_some());
+        for d in &t.destinations {
+            let p = place(d).expect("a tenant's destination is a place");
+            assert!(!p.0.starts_with("s3") || t.access_key_id.is_some(), "{t:?}");
+            for u in &c.tenants[..i] {
+                assert_ne!(u.name, t.name);
+                for e in &u.destinations {
+                    let q = place(e).unwrap();
+                    assert!(!inside(&p, &q) && !inside(&q, &p), "{d} and {e} overlap");
+                }
+            }
+        }
+    }
     for (i, v) in c.volumes.iter().enumerate() {
+        let t = c
+            .tenant(&v.tenant)
+            .expect("every volume's tenant is declared");
+        if let Some(o) = v.get("dest") {
+            let dests = match &o.value {
+                Value::Str(s) => vec![s.clone()],
+                Value::List(l) => l.clone(),
+                _ => vec![],
+            };
+            for d in dests {
+                let p = place(&d).expect("a volume's destination is a place");
+                assert!(
+                    t.destinations
+                        .iter()
+                        .any(|e| inside(&p, &place(e).unwrap())),
+                    "{d} is outside tenant {}",
+                    t.name
+                );
+            }
+        }
         assert!(valid_name(&v.name) && valid_name(&v.tenant), "{v:?}");
         assert!(
             c.volumes[..i].iter().all(|w| w.name != v.name),

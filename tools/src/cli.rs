@@ -52,9 +52,12 @@ pub enum Command {
     #[command(after_help = "Examples:\n  \
         foresnap daemon --config /etc/foresnap/foresnap.toml\n  \
         foresnap daemon --config foresnap.toml --check     (check the file, serve nothing)\n  \
+        foresnap daemon --config foresnap.toml --check --prove   (and each tenant's writes)\n  \
         curl --unix-socket /run/foresnap/daemon.sock http://x/v1/volumes\n\n\
         A volume's keys are serve's long options (see packaging/foresnap.toml);\n\
-        a bad file is refused with its line, field and reason.")]
+        a bad file is refused with its line, field and reason. Each volume is\n\
+        served only once its tenant's own key has written and read back a probe\n\
+        at each of its destinations.")]
     Daemon(DaemonArgs),
     /// List the volumes of a daemon: tenant, state, device, restarts,
     /// destinations and upload health.
@@ -645,9 +648,15 @@ pub struct DaemonArgs {
         default_value = "/etc/foresnap/foresnap.toml"
     )]
     pub config: PathBuf,
-    /// Check the file (its shape and every volume's options) and exit.
+    /// Check the file (its shape, every volume's options, the tenants'
+    /// secret key files) and exit; serves nothing, reaches no destination.
     #[arg(long)]
     pub check: bool,
+    /// With --check: also prove that each volume's tenant can write to
+    /// and read back from each of its destinations with its own key (a
+    /// probe object, deleted after), as the daemon does before serving.
+    #[arg(long, requires = "check")]
+    pub prove: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -9,9 +9,17 @@
 //! answers the API (`foresnap_control::api`) by talking to each child's
 //! control socket, and runs restores as child processes too.
 //!
+//! Each tenant's volumes are written with the tenant's own S3 key, given to
+//! its children in their environment in place of any of the daemon's; and
+//! before a volume is served, the daemon proves that this key can write
+//! and read back at each of the volume's destinations
+//! ([`foresnap_uploader::dest::prove_write`]). The configuration already
+//! keeps each volume's destinations inside its tenant's own.
+//!
 //! The children get SIGTERM when the daemon dies, however it dies
 //! (`PR_SET_PDEATHSIG`), so no device outlives its daemon unserved.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -24,7 +32,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use foresnap_control::api::{self, ApiError, Call, Method, RestoreRequest};
-use foresnap_control::config::{Config, ConfigError, Volume};
+use foresnap_control::config::{Config, ConfigError, Tenant, Volume};
+use foresnap_uploader::format::Keys;
+use foresnap_uploader::s3::S3Credentials;
 use serde_json::{Value, json};
 
 use crate::cli::{Cli, Command as Sub, DaemonArgs};
@@ -50,6 +60,8 @@ struct Vol {
     dest_volume: String,
     key_file: Option<PathBuf>,
     key_env: Option<String>,
+    /// The tenant's S3 key: its children's only credentials.
+    creds: Option<S3Credentials>,
     state: Mutex<VolState>,
 }
 
@@ -62,6 +74,9 @@ struct VolState {
     since_ms: u64,
     last_line: Option<String>,
     last_exit: Option<String>,
+    /// Why the tenant's key could not be shown to write at a destination
+    /// (the volume is not served meanwhile; tried again with back-off).
+    refused: Option<String>,
 }
 
 /// Loads and checks `path`: the file's shape, then each volume's options
@@ -71,12 +86,118 @@ fn load(path: &Path) -> anyhow::Result<(Config, Vec<Vol>)> {
         .with_context(|| format!("cannot read config {}", path.display()))?;
     let at = |e: ConfigError| anyhow::anyhow!("{}: {e}", path.display());
     let config = Config::parse(&text).map_err(at)?;
+    let creds = config
+        .tenants
+        .iter()
+        .map(|t| Ok((t.name.clone(), tenant_key(t).map_err(at)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let vols = config
         .volumes
         .iter()
-        .map(|v| volume(&config, v).map_err(at))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|v| {
+            let mut vol = volume(&config, v).map_err(at)?;
+            vol.creds = creds
+                .iter()
+                .find(|(t, _)| *t == v.tenant)
+                .and_then(|(_, c)| c.clone());
+            Ok(vol)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok((config, vols))
+}
+
+/// Tenant `t`'s S3 key, its secret read from `secret-key-file`, which must
+/// be a file only its owner can read.
+fn tenant_key(t: &Tenant) -> Result<Option<S3Credentials>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (Some(id), Some(file)) = (&t.access_key_id, &t.secret_key_file) else {
+        return Ok(None);
+    };
+    let bad = |reason: String| ConfigError {
+        field: format!("tenant {:?}: secret-key-file", t.name),
+        line: Some(t.line),
+        reason: format!("{}: {reason}", file.display()),
+    };
+    let meta = std::fs::metadata(file).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a file".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(bad(format!(
+            "group or others may read it (mode {mode:03o}): chmod 600 it"
+        )));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| bad(e.to_string()))?;
+    let secret = text.trim();
+    if secret.is_empty() || secret.contains(char::is_whitespace) {
+        return Err(bad("give the secret access key alone, on one line".into()));
+    }
+    Ok(Some(S3Credentials {
+        access_key_id: id.clone(),
+        secret_access_key: secret.to_owned(),
+    }))
+}
+
+/// Variables of the AWS SDK that a child keeps from the daemon: where and
+/// how to talk, never who it is.
+const AWS_KEEP: &[&str] = &["AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE"];
+
+/// The environment changes (`None`: removed) that give a volume's child
+/// its tenant's key `creds` and nothing else to sign with, from the names
+/// of the daemon's own variables: no AWS identity of the daemon (keys,
+/// profiles, role, container or instance credentials) reaches a tenant.
+fn tenant_env(
+    current: impl Iterator<Item = OsString>,
+    creds: Option<&S3Credentials>,
+) -> Vec<(OsString, Option<OsString>)> {
+    let mut env: Vec<(OsString, Option<OsString>)> = current
+        .filter(|k| {
+            k.to_str()
+                .is_some_and(|k| k.starts_with("AWS_") && !AWS_KEEP.contains(&k))
+        })
+        .map(|k| (k, None))
+        .collect();
+    for (k, v) in [
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+    ] {
+        env.push((k.into(), Some(v.into())));
+    }
+    if let Some(c) = creds {
+        env.push((
+            "AWS_ACCESS_KEY_ID".into(),
+            Some(c.access_key_id.clone().into()),
+        ));
+        env.push((
+            "AWS_SECRET_ACCESS_KEY".into(),
+            Some(c.secret_access_key.clone().into()),
+        ));
+    }
+    env
+}
+
+/// Proves, with the tenant's key, that each of `vol`'s destinations takes
+/// its writes and gives them back; a warning for each probe left behind.
+fn prove(vol: &Vol) -> anyhow::Result<Vec<String>> {
+    let keys = Keys::new(&vol.dest_volume).map_err(anyhow::Error::msg)?;
+    let tag = format!("{}-{}", now_ms(), std::process::id());
+    let mut warnings = Vec::new();
+    for d in &vol.dest {
+        let dest = crate::upload::open_raw(d, vol.creds.clone())
+            .with_context(|| format!("tenant {} cannot use {d}", vol.tenant))?;
+        let left = foresnap_uploader::dest::prove_write(dest.as_ref(), &keys, &tag)
+            .with_context(|| format!("tenant {} cannot write to {d}", vol.tenant))?;
+        if let Some(e) = left {
+            warnings.push(format!(
+                "tenant {} wrote to {d}, but its probe {} stays: {e}",
+                vol.tenant,
+                keys.probe(&tag)
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
@@ -166,6 +287,7 @@ fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
             .unwrap_or_else(|| format!("{}.{}", v.tenant, v.name)),
         key_file: serve.upload.key.key_file.clone(),
         key_env: serve.upload.key.key_env.clone(),
+        creds: None,
         state: Mutex::new(VolState {
             phase: "starting",
             ..VolState::default()
@@ -179,10 +301,17 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A child process of the daemon: gets SIGTERM if the daemon dies.
-fn child(args: &[String]) -> anyhow::Result<Command> {
+/// A child process of the daemon for a volume whose tenant's key is
+/// `creds` ([`tenant_env`]): gets SIGTERM if the daemon dies.
+fn child(args: &[String], creds: Option<&S3Credentials>) -> anyhow::Result<Command> {
     let exe = std::env::current_exe().context("cannot find the foresnap binary")?;
     let mut cmd = Command::new(exe);
+    for (k, v) in tenant_env(std::env::vars_os().map(|(k, _)| k), creds) {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -234,12 +363,13 @@ fn pump(
 /// goes to [`pump`]. Its exit status, or why it could not run.
 fn run_child(
     args: &[String],
+    creds: Option<&S3Credentials>,
     tag: String,
     on_spawn: impl FnOnce(&mut Child),
     on_out: impl Fn(&str) + Send + 'static,
     on_err: impl Fn(&str) + Send + 'static,
 ) -> Result<std::process::ExitStatus, String> {
-    let mut c = child(args)
+    let mut c = child(args, creds)
         .and_then(|mut c| c.spawn().context("cannot start foresnap"))
         .map_err(|e| format!("{e:#}"))?;
     on_spawn(&mut c);
@@ -258,7 +388,40 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
     // The device a killed server left: the next one re-attaches to it
     // (its I/O waits meanwhile) instead of leaving it hung.
     let mut left_behind: Option<String> = None;
+    let mut proven = false;
     while !stop.load(Ordering::Relaxed) {
+        if !proven {
+            vol.state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .phase = "proving";
+            match prove(vol) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        eprintln!("[{}] {w}", vol.name);
+                    }
+                    proven = true;
+                    let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    s.refused = None;
+                    s.phase = "starting";
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    eprintln!(
+                        "[{}] not served: {why}; trying again in {} s",
+                        vol.name,
+                        backoff.as_secs()
+                    );
+                    let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    s.phase = "refused";
+                    s.refused = Some(why);
+                    drop(s);
+                    sleep_unless(stop, backoff);
+                    backoff = (backoff * 2).min(BACKOFF_LAST);
+                    continue;
+                }
+            }
+        }
         let started = Instant::now();
         let mut args = vec!["serve".to_owned()];
         args.extend(vol.args.iter().cloned());
@@ -268,6 +431,7 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
         let (v1, v2) = (vol.clone(), vol.clone());
         let exit = run_child(
             &args,
+            vol.creds.as_ref(),
             vol.name.clone(),
             |c| {
                 let mut s = vol.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -323,11 +487,16 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
             vol.name,
             backoff.as_secs()
         );
-        let until = Instant::now() + backoff;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        sleep_unless(stop, backoff);
         backoff = (backoff * 2).min(BACKOFF_LAST);
+    }
+}
+
+/// Sleeps for `d`, or until `stop`.
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -389,6 +558,7 @@ impl Vol {
             "since_ms": s.since_ms,
             "last_exit": s.last_exit,
             "last_message": s.last_line,
+            "refused": s.refused,
             "control": self.socket,
             "metrics": self.metrics,
             "dest": self.dest,
@@ -410,9 +580,13 @@ impl Vol {
                     "volume {} is {}{}",
                     self.name,
                     s.phase,
-                    s.last_exit
+                    s.refused
                         .as_ref()
-                        .map(|e| format!(" (its server exited: {e})"))
+                        .map(|e| format!(" ({e})"))
+                        .or_else(|| s
+                            .last_exit
+                            .as_ref()
+                            .map(|e| format!(" (its server exited: {e})")))
                         .unwrap_or_default()
                 ),
             ))
@@ -586,6 +760,7 @@ impl Daemon {
         // ends with the response.
         let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
         let done = restore.clone();
+        let creds = v.creds.clone();
         std::thread::Builder::new()
             .name(format!("restore-{id}"))
             .spawn(move || {
@@ -593,6 +768,7 @@ impl Daemon {
                 let mut started = false;
                 let status = run_child(
                     &args,
+                    creds.as_ref(),
                     format!("restore {id}"),
                     |_| {
                         started = true;
@@ -676,11 +852,32 @@ fn handle(daemon: &Arc<Daemon>, mut conn: UnixStream) -> std::io::Result<()> {
 pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let (config, vols) = load(&args.config)?;
     if args.check {
+        // The tenants' keys, proven where each volume writes.
+        let mut refused = Vec::new();
+        for v in vols.iter().filter(|v| args.prove && !v.dest.is_empty()) {
+            match prove(v) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        eprintln!("{}: volume {}: {w}", args.config.display(), v.name);
+                    }
+                }
+                Err(e) => refused.push(format!("volume {}: {e:#}", v.name)),
+            }
+        }
+        if !refused.is_empty() {
+            bail!(
+                "{}: {} of {} volumes cannot be served:\n  {}",
+                args.config.display(),
+                refused.len(),
+                vols.len(),
+                refused.join("\n  ")
+            );
+        }
         let mut tenants: Vec<&str> = vols.iter().map(|v| v.tenant.as_str()).collect();
         tenants.sort_unstable();
         tenants.dedup();
         println!(
-            "{}: ok: {} volumes ({}) of tenants {}; API on {}",
+            "{}: ok: {} volumes ({}) of tenants {}; API on {}{}",
             args.config.display(),
             vols.len(),
             vols.iter()
@@ -688,7 +885,12 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", "),
             tenants.join(", "),
-            config.socket.display()
+            config.socket.display(),
+            if args.prove {
+                "; every tenant wrote to its volumes' destinations"
+            } else {
+                ""
+            }
         );
         return Ok(());
     }
@@ -865,11 +1067,119 @@ mod tests {
             dest_volume: "t.v".into(),
             key_file: None,
             key_env: None,
+            creds: None,
             state: Mutex::new(VolState {
                 phase: "running",
                 ..VolState::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_tenants_children_sign_with_its_key_and_never_the_daemons() {
+        let daemon_env = [
+            "PATH",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_ROLE_ARN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_REGION",
+        ];
+        let names = || daemon_env.iter().map(OsString::from);
+        let creds = S3Credentials {
+            access_key_id: "acme-id".into(),
+            secret_access_key: "acme-secret".into(),
+        };
+        // The environment a child ends with, over the daemon's.
+        let result = |env: Vec<(OsString, Option<OsString>)>| {
+            let mut out: std::collections::BTreeMap<String, String> = daemon_env
+                .iter()
+                .map(|k| ((*k).to_owned(), "daemon's".to_owned()))
+                .collect();
+            for (k, v) in env {
+                let k = k.into_string().unwrap();
+                match v {
+                    Some(v) => out.insert(k, v.into_string().unwrap()),
+                    None => out.remove(&k),
+                };
+            }
+            out
+        };
+        let with = result(tenant_env(names(), Some(&creds)));
+        assert_eq!(with["AWS_ACCESS_KEY_ID"], "acme-id");
+        assert_eq!(with["AWS_SECRET_ACCESS_KEY"], "acme-secret");
+        let without = result(tenant_env(names(), None));
+        assert!(!without.contains_key("AWS_ACCESS_KEY_ID"));
+        assert!(!without.contains_key("AWS_SECRET_ACCESS_KEY"));
+        for env in [with, without] {
+            // Nothing of the daemon's identity, in any form the SDK's
+            // chain reads; where and how to talk are kept.
+            for (k, v) in &env {
+                if k.starts_with("AWS_") && k != "AWS_REGION" {
+                    assert_ne!(v, "daemon's", "{k} leaked to a tenant");
+                }
+            }
+            assert_eq!(env["AWS_EC2_METADATA_DISABLED"], "true");
+            assert_eq!(env["AWS_SHARED_CREDENTIALS_FILE"], "/dev/null");
+            assert_eq!(env["AWS_CONFIG_FILE"], "/dev/null");
+            assert_eq!(env["AWS_REGION"], "daemon's");
+            assert_eq!(env["PATH"], "daemon's");
+        }
+    }
+
+    #[test]
+    fn a_tenants_secret_is_read_only_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("acme.secret");
+        std::fs::write(&file, "s3cr3t\n").unwrap();
+        let tenant = Tenant {
+            name: "acme".into(),
+            line: 3,
+            destinations: vec!["s3://b".into()],
+            access_key_id: Some("acme-id".into()),
+            secret_key_file: Some(file.clone()),
+        };
+        let set_mode = |m| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(m));
+        set_mode(0o644).unwrap();
+        let e = tenant_key(&tenant).unwrap_err().to_string();
+        assert!(
+            e.starts_with("line 3: tenant \"acme\": secret-key-file: ")
+                && e.ends_with("group or others may read it (mode 644): chmod 600 it"),
+            "{e}"
+        );
+        set_mode(0o600).unwrap();
+        let c = tenant_key(&tenant).unwrap().unwrap();
+        assert_eq!(
+            (c.access_key_id.as_str(), c.secret_access_key.as_str()),
+            ("acme-id", "s3cr3t")
+        );
+        std::fs::write(&file, "two words\n").unwrap();
+        assert!(
+            tenant_key(&tenant)
+                .unwrap_err()
+                .to_string()
+                .contains("on one line")
+        );
+        let missing = Tenant {
+            secret_key_file: Some(dir.path().join("none")),
+            ..tenant.clone()
+        };
+        assert!(
+            tenant_key(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("No such file")
+        );
+        let keyless = Tenant {
+            access_key_id: None,
+            secret_key_file: None,
+            ..tenant
+        };
+        assert!(tenant_key(&keyless).unwrap().is_none());
     }
 
     /// A volume server that answers each connection with `answer`.

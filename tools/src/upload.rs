@@ -21,13 +21,31 @@ use foresnap_uploader::restore::{
     SnapshotError, list_snapshots, read_chunk, read_manifest, restore_image, verify_snapshots,
 };
 use foresnap_uploader::retention::{PruneHealth, Retention, prune_after_uploads};
-use foresnap_uploader::s3::{S3Destination, S3Url};
+use foresnap_uploader::s3::{S3Credentials, S3Destination, S3Url};
 use foresnap_uploader::schedule::{Schedule, Zone};
 use foresnap_uploader::seal::{self, Sealed, VolumeKey};
 
 use crate::cli::{
     BackupArgs, DestArgs, DestPolicy, RestoreArgs, ScheduleArgs, Snapshot, UploadArgs, VerifyArgs,
 };
+
+/// The destination at `url` as it is, unsealed; an `s3://` one signs with
+/// `creds`, or the standard AWS chain's key when `None`.
+pub fn open_raw(url: &str, creds: Option<S3Credentials>) -> anyhow::Result<Arc<dyn Destination>> {
+    Ok(if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            bail!("invalid destination {url:?}: file:// wants an absolute path, as file:///backup");
+        }
+        Arc::new(DirDestination::open(Path::new(path))?)
+    } else if url.starts_with("s3://") {
+        let u = S3Url::parse(url).map_err(anyhow::Error::msg)?;
+        Arc::new(S3Destination::open_with(u, creds)?)
+    } else {
+        bail!(
+            "invalid destination {url:?}: use file:///PATH or s3://BUCKET/PREFIX?endpoint=URL&region=R"
+        )
+    })
+}
 
 /// Opens a destination from its URL for the volume `keys` names, and
 /// checks that `key` (or none) fits what the volume stores there
@@ -38,19 +56,7 @@ pub fn open_dest(
     keys: &Keys,
     key: Option<&Arc<VolumeKey>>,
 ) -> anyhow::Result<Arc<dyn Destination>> {
-    let raw: Arc<dyn Destination> = if let Some(path) = url.strip_prefix("file://") {
-        if !path.starts_with('/') {
-            bail!("invalid destination {url:?}: file:// wants an absolute path, as file:///backup");
-        }
-        Arc::new(DirDestination::open(Path::new(path))?)
-    } else if url.starts_with("s3://") {
-        let u = S3Url::parse(url).map_err(anyhow::Error::msg)?;
-        Arc::new(S3Destination::open(u)?)
-    } else {
-        bail!(
-            "invalid destination {url:?}: use file:///PATH or s3://BUCKET/PREFIX?endpoint=URL&region=R"
-        )
-    };
+    let raw = open_raw(url, None)?;
     seal::check_volume(raw.as_ref(), keys, key.map(Arc::as_ref))?;
     Ok(match key {
         Some(k) => Arc::new(Sealed::new(raw, k.clone())),

@@ -140,9 +140,22 @@ fn check(config: &str) -> std::process::Output {
 
 #[test]
 fn the_sample_config_checks() {
+    // Its tenant's secret, in a private file where the sample says.
+    let dir = scratch();
+    let secret = dir.path().join("acme.secret");
+    std::fs::write(&secret, "not-a-real-secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let sample = std::fs::read_to_string(repo().join("packaging/foresnap.toml")).unwrap();
+    assert!(sample.contains("/etc/foresnap/acme.secret"));
+    let config = dir.path().join("foresnap.toml");
+    std::fs::write(
+        &config,
+        sample.replace("/etc/foresnap/acme.secret", secret.to_str().unwrap()),
+    )
+    .unwrap();
     let out = foresnap()
         .args(["daemon", "--check", "--config"])
-        .arg(repo().join("packaging/foresnap.toml"))
+        .arg(&config)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -202,8 +215,22 @@ fn a_bad_config_is_refused_with_its_line_field_and_reason() {
             "volume: no [[volume]]",
         ),
         ("[[volume]\n".into(), "line 1: "),
+        (
+            format!("{vol}dest = [\"file:///b/db\", \"file:///elsewhere\"]\n"),
+            "line 5: volume \"db\": dest: \"file:///elsewhere\" is not inside a destination of tenant \"acme\" (file:///b)",
+        ),
+        (
+            vol.replace("acme", "initech"),
+            "line 1: volume \"db\": tenant: \"initech\" is not declared",
+        ),
+        (
+            format!("[[tenant]]\nname = \"globex\"\ndestinations = [\"file:///b/g\"]\n{vol}"),
+            "line 11: tenant \"acme\": destinations: \"file:///b\" overlaps \"file:///b/g\" of tenant \"globex\" (line 1)",
+        ),
     ];
     for (text, want) in cases {
+        // Tenant acme's place, after the volume (whose lines stay put).
+        let text = format!("{text}\n[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\n");
         let out = check(&text);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{text}: {err}");
@@ -243,6 +270,8 @@ fn the_api_reports_a_failing_volume_and_refuses_bad_requests() {
         &config,
         format!(
             "[daemon]\nsocket = \"{}\"\nrun_dir = \"{}\"\n\n\
+             [[tenant]]\nname = \"acme\"\ndestinations = [\"file://{d}/dest\"]\n\n\
+             [[tenant]]\nname = \"globex\"\ndestinations = [\"file://{d}/globex\"]\n\n\
              [[volume]]\nname = \"a\"\ntenant = \"acme\"\nbacking = \"{m}/a.img\"\ndest = [\"file://{d}/dest\"]\n\n\
              [[volume]]\nname = \"b\"\ntenant = \"globex\"\nbacking = \"{m}/b.img\"\n",
             socket.display(),
@@ -359,6 +388,122 @@ fn the_api_reports_a_failing_volume_and_refuses_bad_requests() {
     d.stop();
 }
 
+/// Issue 6's tenants against a real S3 server: a volume is served only
+/// once its tenant's own key has written there, never with the daemon's.
+/// Tenant globex's secret is wrong while the daemon's environment holds
+/// the server's right key (as an admin's shell would): globex is refused,
+/// by `--check --prove` and by the running daemon, which reports why and
+/// does not start its server; acme's key proves itself and leaves no probe.
+#[test]
+fn a_tenant_is_served_only_where_its_own_key_writes() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = common::Server::start("seaweedfs");
+    let dir = scratch();
+    let p = dir.path();
+    let secret = |name: &str, text: &str| {
+        let f = p.join(format!("{name}.secret"));
+        std::fs::write(&f, format!("{text}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        f
+    };
+    let (socket, config) = (p.join("d.sock"), p.join("foresnap.toml"));
+    let missing = p.join("no/such/dir");
+    let mut text = format!(
+        "[daemon]\nsocket = \"{}\"\nrun_dir = \"{}\"\n",
+        socket.display(),
+        p.join("run").display()
+    );
+    for (name, tenant, key) in [
+        ("a", "acme", s.var("AWS_SECRET_ACCESS_KEY").to_owned()),
+        ("b", "globex", "not-the-secret".to_owned()),
+    ] {
+        text += &format!(
+            "\n[[tenant]]\nname = \"{tenant}\"\ndestinations = [\"{}\"]\n\
+             access-key-id = \"{}\"\nsecret-key-file = \"{}\"\n\
+             \n[[volume]]\nname = \"{name}\"\ntenant = \"{tenant}\"\nbacking = \"{}/{name}.img\"\n\
+             dest = [\"{}\"]\n",
+            s.url(tenant),
+            s.var("AWS_ACCESS_KEY_ID"),
+            secret(tenant, &key).display(),
+            missing.display(),
+            s.url(&format!("{tenant}/vols")),
+        );
+    }
+    std::fs::write(&config, &text).unwrap();
+    let check = |extra: &[&str]| {
+        s.foresnap()
+            .args(["daemon", "--check", "--config", config.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Offline, the file is fine.
+    let out = check(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Proven, globex's volume is refused, with the store's reason.
+    let out = check(&["--prove"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 of 2 volumes cannot be served"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "volume b: tenant globex cannot use {}",
+            s.url("globex/vols")
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("volume a:"), "{err}");
+    // acme's probe is gone: nothing is stored under its prefix.
+    use foresnap_uploader::dest::Destination as _;
+    assert_eq!(
+        s.open("acme/vols").list("acme.a/").unwrap(),
+        Vec::<String>::new()
+    );
+
+    // The daemon itself: b is refused and never started, a is tried.
+    let mut child = s
+        .foresnap()
+        .args(["daemon", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("daemon ready: "), "{line:?}");
+    let d = Daemon {
+        child: Some(child),
+        socket: socket.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (a, b) = loop {
+        let vols = d.volumes(None);
+        let (a, b) = (vols[0].clone(), vols[1].clone());
+        if a["restarts"].as_u64() >= Some(1) && b["state"] == "refused" {
+            break (a, b);
+        }
+        assert!(Instant::now() < deadline, "{a}\n{b}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(a["refused"].is_null(), "{a}");
+    let why = b["refused"].as_str().unwrap();
+    assert!(why.starts_with("tenant globex cannot use s3://"), "{why}");
+    assert_eq!(b["restarts"], 0, "a refused volume's server never ran: {b}");
+    assert!(b["pid"].is_null(), "{b}");
+    let err = d.refused(&["snapshot", "--volume", "b"]);
+    assert!(
+        err.contains("volume b is refused (tenant globex cannot use"),
+        "{err}"
+    );
+    d.stop();
+}
+
 /// Issue 7's test: two volumes of two tenants in one daemon, driven only
 /// through the CLI. Their schedules fire, their snapshots complete and
 /// restore bit-exact, `status` and `volumes` reflect them, their metrics
@@ -386,6 +531,10 @@ fn two_tenants_volumes_in_one_daemon_driven_by_the_cli() {
         p.join("run").display()
     );
     for (i, (name, tenant)) in [("a", "acme"), ("b", "globex")].iter().enumerate() {
+        text += &format!(
+            "\n[[tenant]]\nname = \"{tenant}\"\ndestinations = [\"file://{}\"]\n",
+            p.join(format!("dest-{tenant}")).display(),
+        );
         text += &format!(
             "\n[[volume]]\nname = \"{name}\"\ntenant = \"{tenant}\"\nbacking = \"{}\"\n\
              size = \"32M\"\nring_size = \"4M\"\nqueues = 1\ndest = [\"file://{}\"]\n\

@@ -122,6 +122,38 @@ impl<T: PutFilter> Destination for T {
     }
 }
 
+/// Proves that whoever opened `dest` may keep volume `keys`' snapshots
+/// there: puts a probe object under the volume ([`Keys::probe`]), reads it
+/// back whole, then deletes it. Writing and reading are what uploads and
+/// restores need; a probe that cannot be deleted is left behind (no
+/// listing of snapshots ever sees it) and reported in the `Ok` answer, as
+/// retention needs deletes too. `tag` makes the probe's key unique.
+///
+/// [`Keys::probe`]: crate::format::Keys::probe
+pub fn prove_write(
+    dest: &dyn Destination,
+    keys: &crate::format::Keys,
+    tag: &str,
+) -> Result<Option<DestError>, DestError> {
+    let key = keys.probe(tag);
+    let body = format!("foresnap write probe {tag} of volume {}\n", keys.name());
+    dest.put(&key, body.as_bytes())?;
+    let back = dest.get(&key);
+    let deleted = dest.delete(&key);
+    match back {
+        Ok(b) if b == body.as_bytes() => Ok(deleted.err()),
+        Ok(b) => Err(DestError::Damaged {
+            dest: dest.url(),
+            key,
+            why: format!(
+                "the write probe read back as {} other bytes: this store does not keep what it is given",
+                b.len()
+            ),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Keys are relative paths of safe characters: no `..`, no empty parts, no
 /// leading '/'. Shared by every destination so that a key means the same
 /// everywhere.
@@ -289,6 +321,72 @@ impl Destination for DirDestination {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory that refuses puts, or hands back other bytes.
+    #[derive(Debug)]
+    struct Bad {
+        inner: DirDestination,
+        refuse: bool,
+    }
+
+    impl Destination for Bad {
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
+            if self.refuse {
+                return Err(DestError::Remote {
+                    dest: self.url(),
+                    op: "put",
+                    key: key.into(),
+                    why: "access denied".into(),
+                });
+            }
+            self.inner.put(key, bytes)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+            let mut b = self.inner.get(key)?;
+            b[0] ^= 1;
+            Ok(b)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), DestError> {
+            self.inner.delete(key)
+        }
+        fn url(&self) -> String {
+            self.inner.url()
+        }
+    }
+
+    #[test]
+    fn a_write_probe_passes_only_where_writes_come_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = crate::format::Keys::new("acme.db").unwrap();
+        let d = DirDestination::open(dir.path()).unwrap();
+        assert!(prove_write(&d, &keys, "1-2").unwrap().is_none());
+        // The probe is gone, and was never under a listing of data.
+        assert!(d.list("").unwrap().is_empty());
+        assert!(keys.probe("1-2").starts_with("acme.db/probes/"));
+        assert!(!keys.probe("1-2").starts_with(&keys.manifests()));
+        assert!(!keys.probe("1-2").starts_with(&keys.objects()));
+
+        let refusing = Bad {
+            inner: DirDestination::open(dir.path()).unwrap(),
+            refuse: true,
+        };
+        let e = prove_write(&refusing, &keys, "3").unwrap_err().to_string();
+        assert!(e.contains("access denied"), "{e}");
+
+        let garbling = Bad {
+            inner: DirDestination::open(dir.path()).unwrap(),
+            refuse: false,
+        };
+        let e = prove_write(&garbling, &keys, "4").unwrap_err().to_string();
+        assert!(e.contains("does not keep what it is given"), "{e}");
+        assert!(
+            d.list("").unwrap().is_empty(),
+            "a failed probe is deleted too"
+        );
+    }
 
     #[test]
     fn put_get_list_delete_and_never_overwrite() {

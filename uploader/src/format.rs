@@ -680,6 +680,12 @@ impl Keys {
         format!("{}/manifests/{snapshot:010}", self.prefix)
     }
 
+    /// The key of a write probe ([`crate::dest::prove_write`]): apart from
+    /// every listing prefix, so that a probe is never taken for data.
+    pub fn probe(&self, tag: &str) -> String {
+        format!("{}/probes/{tag}", self.prefix)
+    }
+
     /// Where the journals of moves between destinations are (a listing
     /// prefix; [`crate::tier`]). Apart from the manifests: a journal is
     /// never taken for a snapshot.
