@@ -20,13 +20,14 @@
 //! | `object` | upload: an object of the snapshot is stored, the manifest is not |
 //! | `manifest` | upload: every object is stored, the manifest is not |
 //! | `ack` | upload: the manifest is stored, the tracker not yet told |
+//! | `replica` | replication: a chunk of the new snapshot is written to the replica, its state still names the old one |
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The crash points [`hit`] knows; a name outside this list in
 /// `FORESNAP_CRASH_AT` is refused at the first [`hit`], loudly.
-pub const POINTS: [&str; 5] = ["close", "cow", "object", "manifest", "ack"];
+pub const POINTS: [&str; 6] = ["close", "cow", "object", "manifest", "ack", "replica"];
 
 struct Armed {
     point: String,

@@ -121,6 +121,21 @@ pub enum Command {
         foresnap tier --fast file:///fast --slow file:///mnt/nfs --volume db --age 12h --watch 15m\n  \
         foresnap tier --fast file:///fast --slow file:///mnt/nfs --volume db --age 0s")]
     Tier(TierArgs),
+    /// Keep a replica image equal to a volume's newest snapshot, as each
+    /// snapshot completes (a standby copy on a second host, at most one
+    /// snapshot behind). The first run restores the newest snapshot into
+    /// --to (a new file, or a block device); later ones write only the
+    /// chunks that changed since the snapshot the replica holds, recorded
+    /// in TO.replica after the image is synced. With --follow it keeps
+    /// going, fetching the objects a snapshot stores before its close
+    /// while it waits. A run cut short is finished by the next.
+    #[command(after_help = "Examples:\n  \
+        foresnap replicate --dest s3://backups/prod --volume db --to /var/lib/foresnap/db-replica.img\n  \
+        foresnap replicate --dest file:///backup --volume db --to /dev/vg0/db-replica --follow --poll 5s\n  \
+        foresnap replicate --daemon --volume db --to /srv/replica.img --follow\n\n\
+        To fail over: stop the follower and serve the replica:\n  \
+        foresnap serve --backing /var/lib/foresnap/db-replica.img ...")]
+    Replicate(ReplicateArgs),
     /// Apply a retention policy to a volume's snapshots: keep the newest,
     /// the --keep-last N newest and the newest of each of the last N
     /// hours, days and weeks that have snapshots (UTC, by close time;
@@ -374,6 +389,31 @@ pub struct RestoreArgs {
     /// progress [default: off].
     #[arg(long, value_name = "ADDR", requires = "lazy")]
     pub metrics: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplicateArgs {
+    #[command(flatten)]
+    pub from: DestArgs,
+    /// The replica: a new file (or one an earlier run made, with its
+    /// TO.replica state beside it), or a block device at least as large
+    /// as the volume.
+    #[arg(long, value_name = "PATH")]
+    pub to: PathBuf,
+    /// Keep following: look for a newer snapshot every --poll, until
+    /// SIGINT or SIGTERM.
+    #[arg(long)]
+    pub follow: bool,
+    /// With --follow: how often to look for a newer snapshot.
+    #[arg(long, value_name = "INTERVAL", default_value = "5s", value_parser = parse_interval_arg)]
+    pub poll: std::time::Duration,
+    /// With --follow: memory for objects fetched before their snapshot's
+    /// close (SIZE as 256M, 1G; 0: none).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size_arg)]
+    pub prefetch_memory: u64,
+    /// Objects fetched at once.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_workers)]
+    pub workers: usize,
 }
 
 #[derive(Debug, clap::Args)]

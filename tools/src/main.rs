@@ -5,6 +5,7 @@ mod control;
 mod daemon;
 mod metrics;
 mod prune;
+mod replicate;
 mod serve;
 mod simulate;
 mod tier;
@@ -52,6 +53,7 @@ fn main() -> ExitCode {
         cli::Command::Restore(args) => upload::restore(args),
         cli::Command::Verify(args) => upload::verify(args),
         cli::Command::Tier(args) => tier::run(args),
+        cli::Command::Replicate(args) => replicate::run(args),
         cli::Command::Prune(args) => prune::run(args),
         cli::Command::Backup(args) => upload::backup(args),
         cli::Command::Simulate(args) => simulate::run(args),
@@ -66,7 +68,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `snapshots`, `restore`, `verify` and `prune` with `--daemon`: the
+/// `snapshots`, `restore`, `verify`, `prune` and `replicate` with `--daemon`: the
 /// destinations, the name there and the key of the daemon's volume.
 fn resolve_daemon_dest(command: &mut cli::Command) -> anyhow::Result<()> {
     let from = match command {
@@ -74,6 +76,7 @@ fn resolve_daemon_dest(command: &mut cli::Command) -> anyhow::Result<()> {
         cli::Command::Restore(a) => &mut a.from,
         cli::Command::Verify(a) => &mut a.from,
         cli::Command::Prune(a) => &mut a.from,
+        cli::Command::Replicate(a) => &mut a.from,
         _ => return Ok(()),
     };
     let Some(socket) = from.daemon.clone() else {

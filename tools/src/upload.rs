@@ -349,7 +349,7 @@ impl UploadPlan {
 
 /// Progress on stderr: a line redrawn in place on a terminal, every 10%
 /// otherwise (logs stay short).
-fn progress(what: String) -> impl FnMut(u64, u64) + Send {
+pub fn progress(what: String) -> impl FnMut(u64, u64) + Send {
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut last = u64::MAX;

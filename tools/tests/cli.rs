@@ -1171,3 +1171,151 @@ fn lazy_restore_metrics_address_is_checked_first() {
     assert!(err.contains("--lazy"), "{err}");
     assert!(!to.exists(), "a refused restore made {to_s}");
 }
+
+/// Issue 6's replication on a host: a replica made from a volume's newest
+/// snapshot, then kept equal to each new one by a follower that writes
+/// only the changed chunks; a run killed mid-apply (crash point
+/// `replica`) leaves the state at the old snapshot, and the next run
+/// finishes it exactly. What is not a replica is never written.
+#[test]
+fn a_replica_follows_each_snapshot_and_a_killed_apply_is_finished() {
+    use std::io::BufRead as _;
+    use std::os::unix::process::ExitStatusExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    // (No extension: its ring is `vol.fsring`, as tracked_write has it.)
+    let vol = p.join("vol");
+    write_image(&vol, 4, 7);
+    let dest = format!("file://{}", p.join("dest").display());
+    backup_to(&vol, &[&dest], "single");
+    let replica = p.join("replica.img");
+    let replicate = || {
+        let mut c = foresnap();
+        c.args([
+            "replicate",
+            "--dest",
+            &dest,
+            "--volume",
+            "v",
+            "--workers",
+            "1",
+            "--to",
+        ])
+        .arg(&replica);
+        c
+    };
+    let out = common::run(&mut replicate());
+    assert!(
+        out.contains("at snapshot 1: 4 of 4 chunks written (4 MiB)"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(&replica).unwrap(),
+        std::fs::read(&vol).unwrap()
+    );
+    assert!(
+        common::run(&mut replicate()).is_empty(),
+        "nothing newer: nothing done"
+    );
+
+    // A follower applies snapshot 2 (one chunk changed) as it comes.
+    let mut follower = replicate()
+        .args(["--follow", "--poll", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    tracked_write(&vol, (1 << 20) + 4096, &[0xAB; 8192]);
+    let up = backup_to(&vol, &[&dest], "single");
+    assert!(up.contains("snapshot 2 uploaded"), "{up}");
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the follower applies snapshot 2");
+    assert!(
+        line.contains("at snapshot 2: 1 of 4 chunks written (1 MiB)"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::read(&replica).unwrap(),
+        std::fs::read(&vol).unwrap()
+    );
+    // A second writer of the same replica is refused while it follows.
+    let out = replicate().output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is being written by another foresnap replicate"),
+        "{err}"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(follower.id()).unwrap(), libc::SIGTERM) };
+    let status = follower.wait().unwrap();
+    assert!(
+        status.success(),
+        "the follower stops cleanly on SIGTERM: {status}"
+    );
+
+    // Snapshot 3 changes chunks 0 and 3; the apply is killed after one.
+    tracked_write(&vol, 0, &[0x11; 4096]);
+    tracked_write(&vol, 3 << 20, &[0x33; 4096]);
+    backup_to(&vol, &[&dest], "single");
+    let out = replicate()
+        .env("FORESNAP_CRASH_AT", "replica")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+    let state = std::fs::read_to_string(p.join("replica.img.replica")).unwrap();
+    assert!(state.contains("\nsnapshot 2\n"), "{state}");
+    let mixed = std::fs::read(&replica).unwrap();
+    assert_ne!(
+        mixed,
+        std::fs::read(&vol).unwrap(),
+        "one of two chunks written"
+    );
+    let out = common::run(&mut replicate());
+    assert!(
+        out.contains("at snapshot 3: 2 of 4 chunks written"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(&replica).unwrap(),
+        std::fs::read(&vol).unwrap()
+    );
+
+    // Not a replica: an existing file is never taken.
+    let e = one_line_error(&[
+        "replicate",
+        "--dest",
+        &dest,
+        "--volume",
+        "v",
+        "--to",
+        vol.to_str().unwrap(),
+    ]);
+    assert!(e.contains("exists and is not a replica"), "{e}");
+    // A damaged state is refused, not guessed at.
+    std::fs::write(
+        p.join("replica.img.replica"),
+        state.replace("snapshot 2", "snapshot 9"),
+    )
+    .unwrap();
+    let e = one_line_error(&[
+        "replicate",
+        "--dest",
+        &dest,
+        "--volume",
+        "v",
+        "--to",
+        replica.to_str().unwrap(),
+    ]);
+    assert!(e.contains("damaged replica state"), "{e}");
+}
