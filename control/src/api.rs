@@ -193,6 +193,10 @@ pub enum Call {
     Snapshot(String),
     Snapshots(String),
     Destinations,
+    /// `[[replica]]`s and how far each has followed.
+    Replicas,
+    /// `[[tier]]`s and what each last moved.
+    Tiers,
     StartRestore(RestoreRequest),
     Restores,
     Restore(u64),
@@ -241,6 +245,8 @@ pub fn route(req: &Request) -> Result<Call, ApiError> {
         (Post, ["v1", "volumes", n, "snapshots"]) => no_body(Call::Snapshot(name(n)?)),
         (Get, ["v1", "volumes", n, "snapshots"]) => no_body(Call::Snapshots(name(n)?)),
         (Get, ["v1", "destinations"]) => no_body(Call::Destinations),
+        (Get, ["v1", "replicas"]) => no_body(Call::Replicas),
+        (Get, ["v1", "tiers"]) => no_body(Call::Tiers),
         (Get, ["v1", "restores"]) => no_body(Call::Restores),
         (Post, ["v1", "restores"]) => {
             let r: RestoreRequest = serde_json::from_slice(&req.body)
@@ -260,7 +266,14 @@ pub fn route(req: &Request) -> Result<Call, ApiError> {
             Ok(id) => no_body(Call::Restore(id)),
             Err(_) => Err(ApiError::new(404, format!("no restore {id:?}"))),
         },
-        (Post, ["v1", "volumes"] | ["v1", "volumes", _] | ["v1", "destinations"])
+        (
+            Post,
+            ["v1", "volumes"]
+            | ["v1", "volumes", _]
+            | ["v1", "destinations"]
+            | ["v1", "replicas"]
+            | ["v1", "tiers"],
+        )
         | (Post, ["v1", "restores", _]) => wrong("GET"),
         _ => Err(ApiError::new(
             404,
@@ -365,6 +378,8 @@ mod tests {
             Ok(Call::Snapshots("db".into()))
         );
         assert_eq!(get("/v1/destinations?tenant=acme"), Ok(Call::Destinations));
+        assert_eq!(get("/v1/replicas?tenant=acme"), Ok(Call::Replicas));
+        assert_eq!(get("/v1/tiers"), Ok(Call::Tiers));
         assert_eq!(get("/v1/restores/7"), Ok(Call::Restore(7)));
         assert_eq!(
             call("POST /v1/volumes/db/snapshots HTTP/1.1\r\nContent-Length: 0\r\n\r\n"),

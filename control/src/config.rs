@@ -52,6 +52,63 @@ pub const DEFAULT_SOCKET: &str = "/run/foresnap/daemon.sock";
 /// The default directory of the volumes' own control sockets.
 pub const DEFAULT_RUN_DIR: &str = "/run/foresnap/volumes";
 
+/// What a table describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `[[volume]]`: a device served by `foresnap serve`.
+    Volume,
+    /// `[[replica]]`: an image kept equal to a volume's newest snapshot by
+    /// `foresnap replicate --follow`.
+    Replica,
+    /// `[[tier]]`: a volume's old snapshots moved from a fast destination
+    /// to a slow one by `foresnap tier --watch`.
+    Tier,
+}
+
+impl Kind {
+    /// The table's name, as messages say it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Replica => "replica",
+            Kind::Tier => "tier",
+        }
+    }
+
+    /// Options the daemon sets itself for this kind, with the reason.
+    fn reserved(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Kind::Volume => RESERVED,
+            Kind::Replica => &[
+                ("follow", "the daemon's replicas always follow"),
+                ("daemon", "a replica's destinations are given here"),
+                ("help", "not an option of a replica"),
+                ("version", "not an option of a replica"),
+            ],
+            Kind::Tier => &[
+                ("help", "not an option of a tier"),
+                ("version", "not an option of a tier"),
+            ],
+        }
+    }
+
+    /// The option every table of this kind needs, and what it is.
+    fn required(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Kind::Volume => &[("backing", "the file or block device to serve")],
+            Kind::Replica => &[
+                ("to", "the replica image to keep"),
+                ("dest", "where the volume's snapshots are"),
+            ],
+            Kind::Tier => &[
+                ("fast", "where the volume's snapshots land"),
+                ("slow", "where old ones move to"),
+                ("age", "how old a snapshot moves"),
+            ],
+        }
+    }
+}
+
 /// Options the daemon sets itself, with the reason a file cannot.
 const RESERVED: &[(&str, &str)] = &[
     (
@@ -73,6 +130,10 @@ pub struct Config {
     pub run_dir: PathBuf,
     pub tenants: Vec<Tenant>,
     pub volumes: Vec<Volume>,
+    /// `[[replica]]` tables (their options are `replicate`'s).
+    pub replicas: Vec<Volume>,
+    /// `[[tier]]` tables (their options are `tier`'s).
+    pub tiers: Vec<Volume>,
 }
 
 /// One `[[tenant]]`: where its volumes' snapshots may go, and its S3 key.
@@ -140,9 +201,10 @@ pub fn inside(inner: &(String, String), outer: &(String, String)) -> bool {
                 .is_some_and(|r| r.starts_with('/')))
 }
 
-/// One `[[volume]]`.
+/// One `[[volume]]` (or `[[replica]]`: see [`Kind`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Volume {
+    pub kind: Kind,
     pub name: String,
     pub tenant: String,
     /// The line of its `[[volume]]` header (1-based), for messages.
@@ -222,7 +284,11 @@ struct File {
     #[serde(default)]
     tenant: Vec<Spanned<TenantSection>>,
     #[serde(default)]
-    volume: Vec<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
+    volume: Vec<Spanned<Table>>,
+    #[serde(default)]
+    replica: Vec<Spanned<Table>>,
+    #[serde(default)]
+    tier: Vec<Spanned<Table>>,
 }
 
 #[derive(Deserialize)]
@@ -284,40 +350,77 @@ impl Config {
             }
         }
         let tenants = tenants(text, &file.tenant)?;
-        if file.volume.is_empty() {
+        if file.volume.is_empty() && file.replica.is_empty() && file.tier.is_empty() {
             return Err(ConfigError {
                 field: "volume".into(),
                 line: None,
-                reason: "no [[volume]]: the daemon would serve nothing".into(),
+                reason: "no [[volume]], [[replica]] or [[tier]]: the daemon would serve nothing"
+                    .into(),
             });
         }
         let mut volumes: Vec<Volume> = Vec::with_capacity(file.volume.len());
-        for (i, table) in file.volume.iter().enumerate() {
-            let v = volume(text, i, table)?;
+        for (i, t) in file.volume.iter().enumerate() {
+            let v = volume(text, i, t, Kind::Volume)?;
             within_tenant(&v, &tenants)?;
             volumes.push(v);
         }
-        // What must differ between volumes.
-        for (i, v) in volumes.iter().enumerate() {
-            for w in &volumes[..i] {
-                if v.name == w.name {
-                    return Err(ConfigError {
-                        field: format!("volume {:?}: name", v.name),
-                        line: Some(v.line),
-                        reason: format!("also the name of the volume at line {}", w.line),
-                    });
-                }
-                for key in ["backing", "ring", "id", "metrics"] {
-                    if let (Some(a), Some(b)) = (v.get(key), w.get(key))
-                        && a.value == b.value
-                    {
+        let mut replicas: Vec<Volume> = Vec::with_capacity(file.replica.len());
+        for (i, t) in file.replica.iter().enumerate() {
+            let v = volume(text, i, t, Kind::Replica)?;
+            within_tenant(&v, &tenants)?;
+            replicas.push(v);
+        }
+        let mut tiers: Vec<Volume> = Vec::with_capacity(file.tier.len());
+        for (i, t) in file.tier.iter().enumerate() {
+            let v = volume(text, i, t, Kind::Tier)?;
+            within_tenant(&v, &tenants)?;
+            tiers.push(v);
+        }
+        // What must differ between volumes, and between replicas.
+        for (list, keys) in [
+            (&volumes, &["backing", "ring", "id", "metrics"][..]),
+            (&replicas, &["to"][..]),
+            (&tiers, &[][..]),
+        ] {
+            for (i, v) in list.iter().enumerate() {
+                let what = v.kind.word();
+                for w in &list[..i] {
+                    if v.name == w.name {
                         return Err(ConfigError {
-                            field: format!("volume {:?}: {key}", v.name),
-                            line: Some(a.line),
-                            reason: format!("volume {:?} has the same {key}", w.name),
+                            field: format!("{what} {:?}: name", v.name),
+                            line: Some(v.line),
+                            reason: format!("also the name of the {what} at line {}", w.line),
                         });
                     }
+                    for &key in keys {
+                        if let (Some(a), Some(b)) = (v.get(key), w.get(key))
+                            && a.value == b.value
+                        {
+                            return Err(ConfigError {
+                                field: format!("{what} {:?}: {key}", v.name),
+                                line: Some(a.line),
+                                reason: format!("{what} {:?} has the same {key}", w.name),
+                            });
+                        }
+                    }
                 }
+            }
+        }
+        // A replica never writes a volume's backing.
+        for r in &replicas {
+            if let Some(to) = r.get("to")
+                && let Some(v) = volumes
+                    .iter()
+                    .find(|v| v.get("backing").is_some_and(|b| b.value == to.value))
+            {
+                return Err(ConfigError {
+                    field: format!("replica {:?}: to", r.name),
+                    line: Some(to.line),
+                    reason: format!(
+                        "the backing of volume {:?}: a replica is its own image",
+                        v.name
+                    ),
+                });
             }
         }
         Ok(Config {
@@ -325,6 +428,8 @@ impl Config {
             run_dir,
             tenants,
             volumes,
+            replicas,
+            tiers,
         })
     }
 }
@@ -446,12 +551,12 @@ fn tenants(text: &str, tables: &[Spanned<TenantSection>]) -> Result<Vec<Tenant>,
     Ok(out)
 }
 
-/// A volume's tenant is declared, and each of its destinations lies inside
-/// one of the tenant's.
+/// A table's tenant is declared, and each of its destinations (`dest`,
+/// and a tier's `fast` and `slow`) lies inside one of the tenant's.
 fn within_tenant(v: &Volume, tenants: &[Tenant]) -> Result<(), ConfigError> {
     let Some(t) = tenants.iter().find(|t| t.name == v.tenant) else {
         return Err(ConfigError {
-            field: format!("volume {:?}: tenant", v.name),
+            field: format!("{} {:?}: tenant", v.kind.word(), v.name),
             line: Some(v.line),
             reason: format!(
                 "{:?} is not declared: add a [[tenant]] with name = {:?} and its destinations",
@@ -459,32 +564,34 @@ fn within_tenant(v: &Volume, tenants: &[Tenant]) -> Result<(), ConfigError> {
             ),
         });
     };
-    let Some(dest) = v.get("dest") else {
-        return Ok(());
-    };
-    let dests = match &dest.value {
-        Value::Str(s) => std::slice::from_ref(s),
-        Value::List(l) => l.as_slice(),
-        // serve's parser refuses these with the field's name.
-        Value::Int(_) | Value::Bool(_) => return Ok(()),
-    };
-    for d in dests {
-        let ok = place(d).is_some_and(|p| {
-            t.destinations
-                .iter()
-                .filter_map(|td| place(td))
-                .any(|q| inside(&p, &q))
-        });
-        if !ok {
-            return Err(ConfigError {
-                field: format!("volume {:?}: dest", v.name),
-                line: Some(dest.line),
-                reason: format!(
-                    "{d:?} is not inside a destination of tenant {:?} ({})",
-                    t.name,
-                    t.destinations.join(", ")
-                ),
+    for key in ["dest", "fast", "slow"] {
+        let Some(dest) = v.get(key) else {
+            continue;
+        };
+        let dests = match &dest.value {
+            Value::Str(s) => std::slice::from_ref(s),
+            Value::List(l) => l.as_slice(),
+            // The command's parser refuses these with the field's name.
+            Value::Int(_) | Value::Bool(_) => continue,
+        };
+        for d in dests {
+            let ok = place(d).is_some_and(|p| {
+                t.destinations
+                    .iter()
+                    .filter_map(|td| place(td))
+                    .any(|q| inside(&p, &q))
             });
+            if !ok {
+                return Err(ConfigError {
+                    field: format!("{} {:?}: {key}", v.kind.word(), v.name),
+                    line: Some(dest.line),
+                    reason: format!(
+                        "{d:?} is not inside a destination of tenant {:?} ({})",
+                        t.name,
+                        t.destinations.join(", ")
+                    ),
+                });
+            }
         }
     }
     Ok(())
@@ -504,14 +611,20 @@ fn show(v: &toml::Value) -> String {
 
 type Table = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
 
-fn volume(text: &str, index: usize, table: &Spanned<Table>) -> Result<Volume, ConfigError> {
+fn volume(
+    text: &str,
+    index: usize,
+    table: &Spanned<Table>,
+    kind: Kind,
+) -> Result<Volume, ConfigError> {
+    let what = kind.word();
     let line = line_of(text, table.span().start);
     let name = match table.get_ref().iter().find(|(k, _)| k.get_ref() == "name") {
         Some((_, v)) => match v.get_ref() {
             toml::Value::String(s) if valid_name(s) => s.clone(),
             other => {
                 return Err(ConfigError {
-                    field: format!("volume #{}: name", index + 1),
+                    field: format!("{what} #{}: name", index + 1),
                     line: Some(line_of(text, v.span().start)),
                     reason: format!("{}: {NAME_RULE}", show(other)),
                 });
@@ -519,13 +632,13 @@ fn volume(text: &str, index: usize, table: &Spanned<Table>) -> Result<Volume, Co
         },
         None => {
             return Err(ConfigError {
-                field: format!("volume #{}", index + 1),
+                field: format!("{what} #{}", index + 1),
                 line: Some(line),
                 reason: "has no name".into(),
             });
         }
     };
-    let field = |key: &str| format!("volume {name:?}: {key}");
+    let field = |key: &str| format!("{what} {name:?}: {key}");
     let mut tenant = None;
     let mut options = Vec::new();
     for (k, v) in table.get_ref() {
@@ -546,7 +659,7 @@ fn volume(text: &str, index: usize, table: &Spanned<Table>) -> Result<Volume, Co
                 "not an option name: use serve's long options, as ring-size".into(),
             ));
         }
-        if let Some((_, why)) = RESERVED.iter().find(|(r, _)| *r == key) {
+        if let Some((_, why)) = kind.reserved().iter().find(|(r, _)| *r == key) {
             return Err(bad(format!("cannot be set here: {why}")));
         }
         if options.iter().any(|o: &Opt| o.key == key) {
@@ -593,17 +706,20 @@ fn volume(text: &str, index: usize, table: &Spanned<Table>) -> Result<Volume, Co
         return Err(ConfigError {
             field: field("tenant"),
             line: Some(line),
-            reason: "missing: every volume belongs to a tenant".into(),
+            reason: format!("missing: every {what} belongs to a tenant"),
         });
     };
-    if !options.iter().any(|o| o.key == "backing") {
-        return Err(ConfigError {
-            field: field("backing"),
-            line: Some(line),
-            reason: "missing: the file or block device to serve".into(),
-        });
+    for (key, what) in kind.required() {
+        if !options.iter().any(|o| o.key == *key) {
+            return Err(ConfigError {
+                field: field(key),
+                line: Some(line),
+                reason: format!("missing: {what}"),
+            });
+        }
     }
     Ok(Volume {
+        kind,
         name,
         tenant,
         line,
@@ -837,6 +953,84 @@ backing = "/var/lib/logs.img"
             let got = err(&text);
             assert!(got.starts_with(want), "{text:?}:\n got {got}\nwant {want}");
             assert!(!got.contains('\n'), "one line: {got:?}");
+        }
+    }
+
+    #[test]
+    fn replicas_are_checked_like_volumes_with_their_own_keys() {
+        let tenant = "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///b\"]\n";
+        let replica = |extra: &str| {
+            format!(
+                "{tenant}[[replica]]\nname = \"db\"\ntenant = \"acme\"\nto = \"/r.img\"\n\
+                 dest = [\"file:///b\"]\n{extra}"
+            )
+        };
+        let c = Config::parse(&replica("poll = \"2s\"\n")).unwrap();
+        assert!(c.volumes.is_empty());
+        let r = &c.replicas[0];
+        assert_eq!((r.kind, r.name.as_str(), r.line), (Kind::Replica, "db", 4));
+        assert_eq!(r.get("poll").unwrap().value, Value::Str("2s".into()));
+        let cases = [
+            (
+                replica("follow = true"),
+                "line 9: replica \"db\": follow: cannot be set here: the daemon's replicas always follow",
+            ),
+            (
+                replica("").replace("to = \"/r.img\"\n", ""),
+                "line 4: replica \"db\": to: missing: the replica image to keep",
+            ),
+            (
+                replica("").replace("dest = [\"file:///b\"]\n", ""),
+                "line 4: replica \"db\": dest: missing: where the volume's snapshots are",
+            ),
+            (
+                replica("").replace("dest = [\"file:///b\"]", "dest = [\"file:///c\"]"),
+                "line 8: replica \"db\": dest: \"file:///c\" is not inside a destination of tenant \"acme\"",
+            ),
+            (
+                format!(
+                    "{}[[replica]]\nname = \"db2\"\ntenant = \"acme\"\nto = \"/r.img\"\ndest = [\"file:///b\"]\n",
+                    replica("")
+                ),
+                "line 12: replica \"db2\": to: replica \"db\" has the same to",
+            ),
+            (
+                format!(
+                    "{}[[volume]]\nname = \"v\"\ntenant = \"acme\"\nbacking = \"/r.img\"\n",
+                    replica("")
+                ),
+                "line 7: replica \"db\": to: the backing of volume \"v\": a replica is its own image",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err(&text);
+            assert!(got.starts_with(want), "{text:?}:\n got {got}\nwant {want}");
+        }
+    }
+
+    #[test]
+    fn a_tier_needs_both_destinations_inside_its_tenant() {
+        let tier = |extra: &str| {
+            format!(
+                "[[tenant]]\nname = \"acme\"\ndestinations = [\"file:///fast\", \"file:///slow\"]\n\
+                 [[tier]]\nname = \"db\"\ntenant = \"acme\"\nfast = \"file:///fast\"\n{extra}"
+            )
+        };
+        let c = Config::parse(&tier("slow = \"file:///slow/db\"\nage = \"7d\"\n")).unwrap();
+        assert_eq!((c.tiers[0].kind, c.tiers[0].line), (Kind::Tier, 4));
+        let cases = [
+            (
+                tier("slow = \"file:///other\"\nage = \"7d\"\n"),
+                "line 8: tier \"db\": slow: \"file:///other\" is not inside a destination of tenant \"acme\"",
+            ),
+            (
+                tier("slow = \"file:///slow\"\n"),
+                "line 4: tier \"db\": age: missing: how old a snapshot moves",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err(&text);
+            assert!(got.starts_with(want), "{text:?}:\n got {got}\nwant {want}");
         }
     }
 

@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 
 #[rustfmt::skip]
 const TOKENS: &[&[u8]] = &[
-    b"GET ", b"POST ", b"DELETE ", b"/v1/volumes", b"/v1/destinations", b"/v1/restores", b"/",
+    b"GET ", b"POST ", b"DELETE ", b"/v1/volumes", b"/v1/destinations", b"/v1/restores", b"/v1/replicas", b"/v1/tiers", b"/",
     b"db", b"snapshots", b"?tenant=", b"acme", b"&", b"?x=1", b" HTTP/1.1\r\n", b"\r\n",
     b"Content-Length: ", b"Transfer-Encoding: chunked\r\n", b"X-Foresnap-Tenant: ", b"0", b"7",
     b"40", b"99999999999999999999", b"{\"volume\":\"db\",\"to\":\"/r.img\"}", b"{\"snapshot\":",

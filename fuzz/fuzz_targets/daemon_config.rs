@@ -1,8 +1,9 @@
 //! The daemon's configuration file from arbitrary bytes: never a panic, an
 //! error is one line that names what is wrong, and a file that loads holds
-//! together: at least one volume, every name and tenant valid, names
+//! together: at least one volume or replica, every name and tenant valid, names
 //! unique, every volume with its backing, no option the daemon sets
-//! itself, keys in kebab-case; every volume's tenant declared, each of its
+//! itself, keys in kebab-case (replicas alike, with their image and
+//! destinations, never a volume's backing); every volume's tenant declared, each of its
 //! destinations inside one of its tenant's, no two tenants' places
 //! overlapping, and an S3 place only with the tenant's own key.
 //!
@@ -11,7 +12,7 @@
 //! reaches well-formed tables and their near misses.
 #![no_main]
 
-use foresnap_control::config::{Config, Value, inside, place};
+use foresnap_control::config::{Config, Kind, Value, inside, place};
 use foresnap_control::valid_name;
 use libfuzzer_sys::fuzz_target;
 
@@ -23,7 +24,7 @@ const TOKENS: &[&[u8]] = &[
     b"\"/x\"", b"\"/y\"", b"\"rel\"", b"\"DB\"", b"[", b"]", b",", b"{", b"}", b"0", b"1", b"-1",
     b"9223372036854775807", b"1.5", b"true", b"false", b"#", b"\"\\u0000\"", b"\"\"", b".",
     b"\"\"\"", b"1979-05-27", b"\r\n", b" ",
-    b"[[tenant]]\n", b"destinations", b"access-key-id", b"secret_key_file", b"\"file:///b\"",
+    b"[[tenant]]\n", b"[[replica]]\n", b"to", b"follow", b"poll", b"[[tier]]\n", b"fast", b"slow", b"age", b"destinations", b"access-key-id", b"secret_key_file", b"\"file:///b\"",
     b"\"file:///b/c\"", b"\"file:///\"", b"\"file:///b/../c\"", b"\"s3://bkt/p?endpoint=http://h\"",
     b"\"s3://bkt\"", b"\"s3://bkt/p/q\"", b"\"acme\"", b"\"k\"", b"\"/k\"", b"\"file:///b/\"",
 ];
@@ -47,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    assert!(!c.volumes.is_empty(), "a config without volumes loaded");
+    assert!(
+        !c.volumes.is_empty() || !c.replicas.is_empty() || !c.tiers.is_empty(),
+        "a config without volumes, replicas or tiers loaded"
+    );
     assert!(c.socket.is_absolute() && c.run_dir.is_absolute());
     for (i, t) in c.tenants.iter().enumerate() {
         assert!(valid_name(&t.name) && !t.destinations.is_empty(), "{t:?}");
@@ -64,7 +68,35 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    for (i, v) in c.volumes.iter().enumerate() {
+    for (kind, list) in [
+        (Kind::Volume, &c.volumes),
+        (Kind::Replica, &c.replicas),
+        (Kind::Tier, &c.tiers),
+    ] {
+        check_tables(&c, kind, list, text);
+    }
+    for r in &c.replicas {
+        let to = &r.get("to").expect("a replica has its image").value;
+        assert!(
+            c.volumes
+                .iter()
+                .all(|v| v.get("backing").is_none_or(|b| b.value != *to)),
+            "replica {} writes a volume's backing",
+            r.name
+        );
+    }
+});
+
+/// Volumes or replicas: their tenants, places, names, required and
+/// reserved keys, and their options' words.
+fn check_tables(c: &Config, kind: Kind, tables: &[foresnap_control::config::Volume], text: &str) {
+    let (required, reserved): (&[&str], &[&str]) = match kind {
+        Kind::Volume => (&["backing"], &["control", "no-tracking", "name", "tenant"]),
+        Kind::Replica => (&["to", "dest"], &["follow", "daemon", "name", "tenant"]),
+        Kind::Tier => (&["fast", "slow", "age"], &["name", "tenant"]),
+    };
+    for (i, v) in tables.iter().enumerate() {
+        assert_eq!(v.kind, kind);
         let t = c
             .tenant(&v.tenant)
             .expect("every volume's tenant is declared");
@@ -87,13 +119,15 @@ fuzz_target!(|data: &[u8]| {
         }
         assert!(valid_name(&v.name) && valid_name(&v.tenant), "{v:?}");
         assert!(
-            c.volumes[..i].iter().all(|w| w.name != v.name),
+            tables[..i].iter().all(|w| w.name != v.name),
             "duplicate {}",
             v.name
         );
-        assert!(v.get("backing").is_some(), "{} has no backing", v.name);
+        for key in required {
+            assert!(v.get(key).is_some(), "{} has no {key}", v.name);
+        }
         for o in &v.options {
-            assert!(!["control", "no-tracking", "name", "tenant"].contains(&o.key.as_str()));
+            assert!(!reserved.contains(&o.key.as_str()));
             assert!(
                 o.key
                     .bytes()
@@ -108,4 +142,4 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-});
+}

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use foresnap_control::api::{self, ApiError, Call, Method, RestoreRequest};
-use foresnap_control::config::{Config, ConfigError, Tenant, Volume};
+use foresnap_control::config::{Config, ConfigError, Kind, Tenant, Volume};
 use foresnap_uploader::format::Keys;
 use foresnap_uploader::s3::S3Credentials;
 use serde_json::{Value, json};
@@ -46,12 +46,14 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_LAST: Duration = Duration::from_secs(60);
 const BACKOFF_RESET: Duration = Duration::from_secs(60);
 
-/// A volume of the configuration, checked, with what the API reports.
+/// A volume (or replica) of the configuration, checked, with what the API
+/// reports.
 #[derive(Debug)]
 struct Vol {
+    kind: Kind,
     name: String,
     tenant: String,
-    /// `serve`'s arguments (after `serve`).
+    /// `serve`'s arguments (after `serve`), or `replicate`'s.
     args: Vec<String>,
     socket: PathBuf,
     metrics: Option<String>,
@@ -94,8 +96,15 @@ fn load(path: &Path) -> anyhow::Result<(Config, Vec<Vol>)> {
     let vols = config
         .volumes
         .iter()
+        .chain(&config.replicas)
+        .chain(&config.tiers)
         .map(|v| {
-            let mut vol = volume(&config, v).map_err(at)?;
+            let mut vol = match v.kind {
+                Kind::Volume => volume(&config, v),
+                Kind::Replica => replica(v),
+                Kind::Tier => tier(v),
+            }
+            .map_err(at)?;
             vol.creds = creds
                 .iter()
                 .find(|(t, _)| *t == v.tenant)
@@ -200,24 +209,148 @@ fn prove(vol: &Vol) -> anyhow::Result<Vec<String>> {
     Ok(warnings)
 }
 
-fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
-    let field_err = |key: &str, reason: String| ConfigError {
-        field: format!("volume {:?}: {key}", v.name),
+/// An error about option `key` of table `v` (at its line, or the table's).
+fn field_err(v: &Volume, key: &str, reason: String) -> ConfigError {
+    ConfigError {
+        field: format!("{} {:?}: {key}", v.kind.word(), v.name),
         line: v.get(key).map_or(Some(v.line), |o| Some(o.line)),
         reason,
-    };
-    // A daemon runs from /: a relative path would name a file there.
-    for key in ["backing", "ring", "key-file"] {
+    }
+}
+
+/// A daemon runs from /: a relative path in `keys` would name a file there.
+fn absolute(v: &Volume, keys: &[&str]) -> Result<(), ConfigError> {
+    for &key in keys {
         if let Some(o) = v.get(key) {
             match &o.value {
                 foresnap_control::config::Value::Str(s) if s.starts_with('/') => {}
                 foresnap_control::config::Value::Str(s) => {
-                    return Err(field_err(key, format!("{s:?} is not an absolute path")));
+                    return Err(field_err(v, key, format!("{s:?} is not an absolute path")));
                 }
-                _ => return Err(field_err(key, "give a path as a string".into())),
+                _ => return Err(field_err(v, key, "give a path as a string".into())),
             }
         }
     }
+    Ok(())
+}
+
+/// `foresnap SUB ARGS` parsed as the CLI would, or the error in the
+/// file's terms: the option named without `--`, at its line.
+fn parse_as(sub: &str, args: &[String], v: &Volume) -> Result<Cli, ConfigError> {
+    let argv = ["foresnap", sub]
+        .into_iter()
+        .map(String::from)
+        .chain(args.iter().cloned());
+    Cli::try_parse_from(argv).map_err(|e| {
+        // clap names the option; the file names it without `--`.
+        let key = e
+            .get(clap::error::ContextKind::InvalidArg)
+            .map(|a| a.to_string())
+            .and_then(|a| {
+                a.trim_start_matches('-')
+                    .split([' ', '='])
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let msg = crate::cli::one_line(&e).replace(
+            "unexpected argument '--",
+            &format!("not an option of {sub}: '--"),
+        );
+        if key.is_empty() {
+            ConfigError {
+                field: format!("{} {:?}", v.kind.word(), v.name),
+                line: Some(v.line),
+                reason: msg,
+            }
+        } else {
+            field_err(v, &key, msg)
+        }
+    })
+}
+
+/// A `[[replica]]`: `replicate --follow` with its options; its name at the
+/// destinations is `TENANT.NAME` unless `volume` says otherwise, as a
+/// volume's is, so that a replica named like a volume follows it.
+fn replica(v: &Volume) -> Result<Vol, ConfigError> {
+    absolute(v, &["to", "key-file"])?;
+    let mut args: Vec<String> = vec!["--follow".into()];
+    args.extend(v.options.iter().flat_map(|o| o.value.args(&o.key)));
+    if v.get("volume").is_none() {
+        args.extend(["--volume".into(), format!("{}.{}", v.tenant, v.name)]);
+    }
+    let Cli {
+        command: Sub::Replicate(r),
+    } = parse_as("replicate", &args, v)?
+    else {
+        unreachable!("parsed as replicate")
+    };
+    Ok(Vol {
+        kind: Kind::Replica,
+        name: v.name.clone(),
+        tenant: v.tenant.clone(),
+        args,
+        socket: PathBuf::new(),
+        metrics: None,
+        dest: r.from.dest.clone(),
+        dest_policy: String::new(),
+        dest_volume: r.from.volume.clone(),
+        key_file: r.from.key.key_file.clone(),
+        key_env: r.from.key.key_env.clone(),
+        creds: None,
+        state: Mutex::new(VolState {
+            phase: "starting",
+            ..VolState::default()
+        }),
+    })
+}
+
+/// How often a `[[tier]]` without `watch` looks for snapshots to move.
+const TIER_WATCH: &str = "15m";
+
+/// A `[[tier]]`: `tier --watch` with its options (the volume named
+/// `TENANT.NAME` at both destinations unless `volume` says otherwise).
+fn tier(v: &Volume) -> Result<Vol, ConfigError> {
+    absolute(v, &["key-file"])?;
+    let mut args: Vec<String> = v
+        .options
+        .iter()
+        .flat_map(|o| o.value.args(&o.key))
+        .collect();
+    if v.get("volume").is_none() {
+        args.extend(["--volume".into(), format!("{}.{}", v.tenant, v.name)]);
+    }
+    if v.get("watch").is_none() {
+        args.extend(["--watch".into(), TIER_WATCH.into()]);
+    }
+    let Cli {
+        command: Sub::Tier(t),
+    } = parse_as("tier", &args, v)?
+    else {
+        unreachable!("parsed as tier")
+    };
+    Ok(Vol {
+        kind: Kind::Tier,
+        name: v.name.clone(),
+        tenant: v.tenant.clone(),
+        args,
+        socket: PathBuf::new(),
+        metrics: None,
+        dest: vec![t.fast.clone(), t.slow.clone()],
+        dest_policy: "tier".into(),
+        dest_volume: t.volume.clone(),
+        key_file: t.key.key_file.clone(),
+        key_env: t.key.key_env.clone(),
+        creds: None,
+        state: Mutex::new(VolState {
+            phase: "starting",
+            ..VolState::default()
+        }),
+    })
+}
+
+fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
+    absolute(v, &["backing", "ring", "key-file"])?;
     let socket = config.run_dir.join(format!("{}.sock", v.name));
     let mut args: Vec<String> = v
         .options
@@ -229,39 +362,11 @@ fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
         // Tenants share destinations without sharing names there.
         args.extend(["--volume".into(), format!("{}.{}", v.tenant, v.name)]);
     }
-    let argv = ["foresnap", "serve"]
-        .into_iter()
-        .map(String::from)
-        .chain(args.iter().cloned());
-    let serve = match Cli::try_parse_from(argv) {
-        Ok(Cli {
-            command: Sub::Serve(s),
-        }) => s,
-        Ok(_) => unreachable!("parsed as serve"),
-        Err(e) => {
-            // clap names the option; the file names it without `--`.
-            let key = e
-                .get(clap::error::ContextKind::InvalidArg)
-                .map(|a| a.to_string())
-                .and_then(|a| {
-                    a.trim_start_matches('-')
-                        .split([' ', '='])
-                        .next()
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default();
-            let msg = crate::cli::one_line(&e)
-                .replace("unexpected argument '--", "not an option of serve: '--");
-            return Err(if key.is_empty() {
-                ConfigError {
-                    field: format!("volume {:?}", v.name),
-                    line: Some(v.line),
-                    reason: msg,
-                }
-            } else {
-                field_err(&key, msg)
-            });
-        }
+    let Cli {
+        command: Sub::Serve(serve),
+    } = parse_as("serve", &args, v)?
+    else {
+        unreachable!("parsed as serve")
     };
     // The device's own limits (queues, depth, sizes), as `serve` checks them.
     serve.device_config().validate().map_err(|e| ConfigError {
@@ -270,9 +375,10 @@ fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {
         reason: e.to_string(),
     })?;
     if let Some(m) = &serve.metrics {
-        crate::metrics::check_addr(m).map_err(|e| field_err("metrics", format!("{e:#}")))?;
+        crate::metrics::check_addr(m).map_err(|e| field_err(v, "metrics", format!("{e:#}")))?;
     }
     Ok(Vol {
+        kind: Kind::Volume,
         name: v.name.clone(),
         tenant: v.tenant.clone(),
         args,
@@ -384,11 +490,13 @@ fn run_child(
 /// Serves `vol` with `serve` children until `stop`.
 fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
     let mut backoff = BACKOFF_FIRST;
-    let fixed_id = vol.args.iter().any(|a| a == "--id");
+    let serve = vol.kind == Kind::Volume;
+    let fixed_id = !serve || vol.args.iter().any(|a| a == "--id");
     // The device a killed server left: the next one re-attaches to it
     // (its I/O waits meanwhile) instead of leaving it hung.
     let mut left_behind: Option<String> = None;
-    let mut proven = false;
+    // A replica only reads its destinations: nothing to prove.
+    let mut proven = !serve;
     while !stop.load(Ordering::Relaxed) {
         if !proven {
             vol.state
@@ -423,7 +531,14 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
             }
         }
         let started = Instant::now();
-        let mut args = vec!["serve".to_owned()];
+        let mut args = vec![
+            match vol.kind {
+                Kind::Volume => "serve",
+                Kind::Replica => "replicate",
+                Kind::Tier => "tier",
+            }
+            .to_owned(),
+        ];
         args.extend(vol.args.iter().cloned());
         if let (false, Some(id)) = (fixed_id, &left_behind) {
             args.extend(["--id".to_owned(), id.clone()]);
@@ -447,11 +562,22 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
                 }
             },
             move |line| {
-                if let Some(dev) = line
+                let mut s = v1.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if v1.kind == Kind::Replica {
+                    // Its news: "replica PATH at snapshot N: ...".
+                    s.phase = "following";
+                    s.last_line = Some(line.to_owned());
+                } else if v1.kind == Kind::Tier {
+                    // What it last moved ("snapshot N moved from ..."); a
+                    // round's summary only until something moved.
+                    s.phase = "running";
+                    if line.starts_with("snapshot ") || s.last_line.is_none() {
+                        s.last_line = Some(line.to_owned());
+                    }
+                } else if let Some(dev) = line
                     .strip_prefix("device ")
                     .and_then(|l| l.strip_suffix(" ready"))
                 {
-                    let mut s = v1.state.lock().unwrap_or_else(PoisonError::into_inner);
                     s.phase = "running";
                     s.device = Some(dev.to_owned());
                 }
@@ -548,6 +674,22 @@ impl Vol {
     /// The volume as the API shows it.
     fn json(&self) -> Value {
         let s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.kind != Kind::Volume {
+            return json!({
+                "name": self.name,
+                "tenant": self.tenant,
+                "state": s.phase,
+                "pid": s.pid,
+                "restarts": s.restarts,
+                "since_ms": s.since_ms,
+                "last_exit": s.last_exit,
+                "last_message": s.last_line,
+                "dest": self.dest,
+                "dest_volume": self.dest_volume,
+                "to": self.args.iter().skip_while(|a| *a != "--to").nth(1),
+                "age": self.args.iter().skip_while(|a| *a != "--age").nth(1),
+            });
+        }
         json!({
             "name": self.name,
             "tenant": self.tenant,
@@ -640,7 +782,9 @@ impl Daemon {
     fn volume(&self, name: &str, tenant: Option<&str>) -> Result<&Arc<Vol>, ApiError> {
         self.vols
             .iter()
-            .find(|v| v.name == name && tenant.is_none_or(|t| t == v.tenant))
+            .find(|v| {
+                v.kind == Kind::Volume && v.name == name && tenant.is_none_or(|t| t == v.tenant)
+            })
             .ok_or_else(|| match tenant {
                 Some(t) => ApiError::new(404, format!("tenant {t} has no volume {name}")),
                 None => ApiError::new(404, format!("no volume {name}")),
@@ -649,8 +793,9 @@ impl Daemon {
 
     fn answer(self: &Arc<Self>, req: &api::Request) -> Result<(u16, Value), ApiError> {
         let tenant = req.tenant.as_deref();
-        let mine = |v: &&Arc<Vol>| tenant.is_none_or(|t| t == v.tenant);
-        match api::route(req)? {
+        let mine = |v: &&Arc<Vol>| v.kind == Kind::Volume && tenant.is_none_or(|t| t == v.tenant);
+        let call = api::route(req)?;
+        match call {
             Call::Volumes => Ok((
                 200,
                 json!({"volumes": self.vols.iter().filter(mine).map(|v| v.json()).collect::<Vec<_>>()}),
@@ -707,6 +852,18 @@ impl Daemon {
                 }).collect::<Vec<_>>()}),
             )),
             Call::StartRestore(r) => self.start_restore(&r, tenant).map(|j| (202, j)),
+            Call::Replicas | Call::Tiers => {
+                let (kind, key) = match call {
+                    Call::Replicas => (Kind::Replica, "replicas"),
+                    _ => (Kind::Tier, "tiers"),
+                };
+                Ok((
+                    200,
+                    json!({key: self.vols.iter()
+                        .filter(|v| v.kind == kind && tenant.is_none_or(|t| t == v.tenant))
+                        .map(|v| v.json()).collect::<Vec<_>>()}),
+                ))
+            }
             Call::Restores => {
                 let list = self.restores.lock().unwrap_or_else(PoisonError::into_inner);
                 Ok((
@@ -848,13 +1005,42 @@ fn handle(daemon: &Arc<Daemon>, mut conn: UnixStream) -> std::io::Result<()> {
     conn.write_all(&reply)
 }
 
+/// "2 volumes (db, logs)", then "; 1 replica (x)" and "; 1 tier (y)" if
+/// there are any.
+fn counted<'a>(vols: impl Iterator<Item = &'a Vol> + Clone) -> String {
+    let of = |kind: Kind| {
+        let names: Vec<&str> = vols
+            .clone()
+            .filter(|v| v.kind == kind)
+            .map(|v| v.name.as_str())
+            .collect();
+        let plural = if names.len() == 1 { "" } else { "s" };
+        (!names.is_empty() || kind == Kind::Volume).then(|| {
+            format!(
+                "{} {}{plural} ({})",
+                names.len(),
+                kind.word(),
+                names.join(", ")
+            )
+        })
+    };
+    [Kind::Volume, Kind::Replica, Kind::Tier]
+        .into_iter()
+        .filter_map(of)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// `foresnap daemon`.
 pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
     let (config, vols) = load(&args.config)?;
     if args.check {
         // The tenants' keys, proven where each volume writes.
         let mut refused = Vec::new();
-        for v in vols.iter().filter(|v| args.prove && !v.dest.is_empty()) {
+        for v in vols
+            .iter()
+            .filter(|v| args.prove && v.kind == Kind::Volume && !v.dest.is_empty())
+        {
             match prove(v) {
                 Ok(warnings) => {
                     for w in warnings {
@@ -877,13 +1063,9 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         tenants.sort_unstable();
         tenants.dedup();
         println!(
-            "{}: ok: {} volumes ({}) of tenants {}; API on {}{}",
+            "{}: ok: {} of tenants {}; API on {}{}",
             args.config.display(),
-            vols.len(),
-            vols.iter()
-                .map(|v| v.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            counted(vols.iter()),
             tenants.join(", "),
             config.socket.display(),
             if args.prove {
@@ -942,9 +1124,8 @@ pub fn run(args: &DaemonArgs) -> anyhow::Result<()> {
         })
         .context("cannot start the API thread")?;
     println!(
-        "daemon ready: {} volume{}, API on {}",
-        daemon.vols.len(),
-        if daemon.vols.len() == 1 { "" } else { "s" },
+        "daemon ready: {}, API on {}",
+        counted(daemon.vols.iter().map(|v| &**v)),
         config.socket.display()
     );
     let _ = std::io::stdout().flush();
@@ -998,10 +1179,13 @@ pub fn volumes(args: &crate::cli::VolumesArgs) -> anyhow::Result<()> {
     let tenant = args.daemon.tenant.as_deref();
     let vols = call(&socket, Method::Get, "/v1/volumes", tenant, None)?;
     let dests = call(&socket, Method::Get, "/v1/destinations", tenant, None)?;
+    let replicas = call(&socket, Method::Get, "/v1/replicas", tenant, None)?;
+    let tiers = call(&socket, Method::Get, "/v1/tiers", tenant, None)?;
     if args.json {
         println!(
             "{}",
-            json!({"volumes": vols["volumes"], "destinations": dests["destinations"]})
+            json!({"volumes": vols["volumes"], "destinations": dests["destinations"],
+                   "replicas": replicas["replicas"], "tiers": tiers["tiers"]})
         );
         return Ok(());
     }
@@ -1048,6 +1232,40 @@ pub fn volumes(args: &crate::cli::VolumesArgs) -> anyhow::Result<()> {
             },
         )?;
     }
+    let jobs: Vec<(&str, &Value)> = replicas["replicas"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|r| ("replica", r))
+        .chain(
+            tiers["tiers"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|t| ("tier", t)),
+        )
+        .collect();
+    if !jobs.is_empty() {
+        writeln!(
+            out,
+            "\n{:<16} {:<8} {:<12} {:<11} {:>8}  LAST",
+            "NAME", "KIND", "TENANT", "STATE", "RESTARTS"
+        )?;
+    }
+    for (kind, r) in jobs {
+        writeln!(
+            out,
+            "{:<16} {kind:<8} {:<12} {:<11} {:>8}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            r["tenant"].as_str().unwrap_or("?"),
+            r["state"].as_str().unwrap_or("?"),
+            r["restarts"],
+            r["last_message"]
+                .as_str()
+                .or(r["last_exit"].as_str())
+                .unwrap_or("-"),
+        )?;
+    }
     Ok(())
 }
 
@@ -1057,6 +1275,7 @@ mod tests {
 
     fn running_vol(socket: PathBuf) -> Vol {
         Vol {
+            kind: Kind::Volume,
             name: "v".into(),
             tenant: "t".into(),
             args: Vec::new(),

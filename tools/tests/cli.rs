@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::foresnap;
+use common::{foresnap, tracked_write};
 
 fn one_line_error(args: &[&str]) -> String {
     let out = foresnap().args(args).output().unwrap();
@@ -560,21 +560,6 @@ fn tier_moves_old_snapshots_to_the_slow_destination() {
     assert!(e.contains("both the fast and the slow"), "{e}");
     let e = err(args(&["--age", "1h", "--watch", "0"]));
     assert!(e.contains("invalid interval '0'"), "{e}");
-}
-
-/// Writes `data` at `offset` of the 4 MiB volume `vol` through its tracker
-/// (its ring beside it), as a device's write: the next backup sees it.
-fn tracked_write(vol: &std::path::Path, offset: u64, data: &[u8]) {
-    use foresnap_driver::tracking::Geometry;
-    use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
-    let cfg = TrackerConfig {
-        ring: vol.with_extension("fsring"),
-        ring_bytes: 64 << 20,
-        geometry: Geometry::default(),
-    };
-    let (t, _) = Tracker::open(&cfg, vol, 4 << 20, 1).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(vol).unwrap();
-    t.write_volume(&f, offset, data).unwrap();
 }
 
 /// A `mib` MiB image of pseudo-random bytes (`mul` varies it) at `path`.
@@ -1183,8 +1168,7 @@ fn a_replica_follows_each_snapshot_and_a_killed_apply_is_finished() {
     use std::os::unix::process::ExitStatusExt as _;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
-    // (No extension: its ring is `vol.fsring`, as tracked_write has it.)
-    let vol = p.join("vol");
+    let vol = p.join("vol.img");
     write_image(&vol, 4, 7);
     let dest = format!("file://{}", p.join("dest").display());
     backup_to(&vol, &[&dest], "single");

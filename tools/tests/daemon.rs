@@ -165,7 +165,9 @@ fn the_sample_config_checks() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("ok: 2 volumes (db, logs) of tenants acme, globex"),
+        text.contains(
+            "ok: 2 volumes (db, logs); 1 replica (db-standby); 1 tier (logs) of tenants acme, globex"
+        ),
         "{text}"
     );
 }
@@ -500,6 +502,179 @@ fn a_tenant_is_served_only_where_its_own_key_writes() {
     assert!(
         err.contains("volume b is refused (tenant globex cannot use"),
         "{err}"
+    );
+    d.stop();
+}
+
+/// Issue 6's replication by a second daemon: its `[[replica]]` follows the
+/// snapshots another host's volume stores (here `backup` of a file, as
+/// volume acme.db), applying each as it completes; only its tenant sees it.
+#[test]
+fn a_daemons_replica_follows_each_snapshot_of_another_hosts_volume() {
+    let dir = scratch();
+    let p = dir.path();
+    let vol = p.join("db.img");
+    std::fs::write(
+        &vol,
+        (0..4u32 << 20)
+            .map(|i| (i.wrapping_mul(13) >> 9).to_le_bytes()[0])
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let dest = format!("file://{}", p.join("dest").display());
+    let backup = || {
+        common::run(
+            foresnap()
+                .args(["backup", "--volume", "acme.db", "--chunk-size", "1M"])
+                .args(["--dest", &dest, "--backing"])
+                .arg(&vol),
+        )
+    };
+    backup();
+    let (socket, config) = (p.join("d.sock"), p.join("foresnap.toml"));
+    let replica = p.join("replica.img");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nrun_dir = \"{}\"\n\n\
+             [[tenant]]\nname = \"acme\"\ndestinations = [\"{dest}\"]\n\n\
+             [[replica]]\nname = \"db\"\ntenant = \"acme\"\nto = \"{}\"\ndest = [\"{dest}\"]\npoll = \"1s\"\n",
+            socket.display(),
+            p.join("run").display(),
+            replica.display(),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&config, &socket);
+    let wait_for = |snapshot: u32| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, v) = d.api("GET /v1/replicas?tenant=acme HTTP/1.1\r\n\r\n");
+            assert_eq!(status, 200, "{v}");
+            let r = v["replicas"][0].clone();
+            let last = r["last_message"].as_str().unwrap_or_default().to_owned();
+            if last.contains(&format!(" at snapshot {snapshot}: ")) {
+                assert_eq!(r["state"], "following", "{r}");
+                assert_eq!(r["dest_volume"], "acme.db", "{r}");
+                return last;
+            }
+            assert!(Instant::now() < deadline, "{r}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let last = wait_for(1);
+    assert!(last.contains("4 of 4 chunks written"), "{last}");
+    assert_eq!(
+        std::fs::read(&replica).unwrap(),
+        std::fs::read(&vol).unwrap()
+    );
+    common::tracked_write(&vol, 2 << 20, &[0x5A; 4096]);
+    backup();
+    let last = wait_for(2);
+    assert!(last.contains("1 of 4 chunks written"), "{last}");
+    assert_eq!(
+        std::fs::read(&replica).unwrap(),
+        std::fs::read(&vol).unwrap()
+    );
+    // Only its tenant sees it; `volumes` lists it.
+    let (_, v) = d.api("GET /v1/replicas?tenant=globex HTTP/1.1\r\n\r\n");
+    assert_eq!(v["replicas"].as_array().unwrap().len(), 0, "{v}");
+    let (_, v) = d.api("GET /v1/volumes HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        v["volumes"].as_array().unwrap().len(),
+        0,
+        "a replica is no volume: {v}"
+    );
+    let table = d.ok(&["volumes"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("db ") && l.contains("acme") && l.contains("following")),
+        "{table}"
+    );
+    d.stop();
+}
+
+/// Tiering inside the daemon (issue 6, item 1): a `[[tier]]` moves a
+/// volume's old snapshots from its fast destination to its slow one, as
+/// `foresnap tier --watch` does, and reports what it moved.
+#[test]
+fn a_daemons_tier_moves_old_snapshots_to_the_slow_destination() {
+    let dir = scratch();
+    let p = dir.path();
+    let vol = p.join("db.img");
+    std::fs::write(&vol, vec![0x6Bu8; 4 << 20]).unwrap();
+    let (fast, slow) = (p.join("fast"), p.join("slow"));
+    let backup = || {
+        common::run(
+            foresnap()
+                .args([
+                    "backup",
+                    "--volume",
+                    "acme.db",
+                    "--chunk-size",
+                    "1M",
+                    "--dest",
+                ])
+                .arg(format!("file://{}", fast.display()))
+                .arg("--backing")
+                .arg(&vol),
+        )
+    };
+    backup();
+    common::tracked_write(&vol, 0, &[0x11; 4096]);
+    backup();
+    let (socket, config) = (p.join("d.sock"), p.join("foresnap.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nsocket = \"{}\"\nrun_dir = \"{}\"\n\n\
+             [[tenant]]\nname = \"acme\"\ndestinations = [\"file://{f}\", \"file://{s}\"]\n\n\
+             [[tier]]\nname = \"db\"\ntenant = \"acme\"\nfast = \"file://{f}\"\n\
+             slow = \"file://{s}\"\nage = \"0s\"\nwatch = \"1s\"\n",
+            socket.display(),
+            p.join("run").display(),
+            f = fast.display(),
+            s = slow.display(),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&config, &socket);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let t = loop {
+        let (status, v) = d.api("GET /v1/tiers HTTP/1.1\r\n\r\n");
+        assert_eq!(status, 200, "{v}");
+        let t = v["tiers"][0].clone();
+        if t["last_message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("snapshot 1 moved from"))
+        {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (&t["state"], &t["dest_volume"]),
+        (&"running".into(), &"acme.db".into()),
+        "{t}"
+    );
+    let manifests = |d: &Path| {
+        let mut ids: Vec<String> = std::fs::read_dir(d.join("acme.db/manifests"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(manifests(&fast), ["0000000002"], "the newest stays at fast");
+    assert_eq!(manifests(&slow), ["0000000001"]);
+    let table = d.ok(&["volumes"]);
+    assert!(
+        table.lines().any(|l| l.starts_with("db ")
+            && l.contains(" tier ")
+            && l.contains("snapshot 1 moved")),
+        "{table}"
     );
     d.stop();
 }

@@ -485,3 +485,19 @@ pub fn wait_listed(dest: &str, volume: &str, id: u32, env: &[(&str, &str)]) {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// Writes `data` at `offset` of the 4 MiB volume `vol` through its tracker
+/// (its ring beside it, `VOL.fsring` as `serve` and `backup` name it), as a
+/// device's write: the next backup sees it.
+pub fn tracked_write(vol: &std::path::Path, offset: u64, data: &[u8]) {
+    use foresnap_driver::tracking::Geometry;
+    use foresnap_driver::tracking::tracker::{Tracker, TrackerConfig};
+    let cfg = TrackerConfig {
+        ring: std::path::PathBuf::from(format!("{}.fsring", vol.display())),
+        ring_bytes: 64 << 20,
+        geometry: Geometry::default(),
+    };
+    let (t, _) = Tracker::open(&cfg, vol, 4 << 20, 1).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(vol).unwrap();
+    t.write_volume(&f, offset, data).unwrap();
+}
