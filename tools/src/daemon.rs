@@ -75,6 +75,8 @@ struct VolState {
     restarts: u32,
     since_ms: u64,
     last_line: Option<String>,
+    /// A replica's or tier's last stderr line (progress, a retry's reason).
+    last_log: Option<String>,
     last_exit: Option<String>,
     /// Why the tenant's key could not be shown to write at a destination
     /// (the volume is not served meanwhile; tried again with back-off).
@@ -583,10 +585,14 @@ fn supervise(vol: &Arc<Vol>, stop: &AtomicBool) {
                 }
             },
             move |line| {
-                v2.state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .last_line = Some(line.to_owned());
+                let mut s = v2.state.lock().unwrap_or_else(PoisonError::into_inner);
+                // A server's news is on stderr; a replica's or tier's is
+                // what it applied or moved (stdout), its stderr a log.
+                if v2.kind == Kind::Volume {
+                    s.last_line = Some(line.to_owned());
+                } else {
+                    s.last_log = Some(line.to_owned());
+                }
             },
         )
         .map_or_else(|e| e, |st| st.to_string());
@@ -684,6 +690,7 @@ impl Vol {
                 "since_ms": s.since_ms,
                 "last_exit": s.last_exit,
                 "last_message": s.last_line,
+                "last_log": s.last_log,
                 "dest": self.dest,
                 "dest_volume": self.dest_volume,
                 "to": self.args.iter().skip_while(|a| *a != "--to").nth(1),

@@ -1275,31 +1275,16 @@ fn a_replica_follows_each_snapshot_and_a_killed_apply_is_finished() {
         std::fs::read(&vol).unwrap()
     );
 
+    let refused = |to: &std::path::Path| {
+        let to = to.to_str().unwrap();
+        one_line_error(&["replicate", "--dest", &dest, "--volume", "v", "--to", to])
+    };
     // Not a replica: an existing file is never taken.
-    let e = one_line_error(&[
-        "replicate",
-        "--dest",
-        &dest,
-        "--volume",
-        "v",
-        "--to",
-        vol.to_str().unwrap(),
-    ]);
+    let e = refused(&vol);
     assert!(e.contains("exists and is not a replica"), "{e}");
     // A damaged state is refused, not guessed at.
-    std::fs::write(
-        p.join("replica.img.replica"),
-        state.replace("snapshot 2", "snapshot 9"),
-    )
-    .unwrap();
-    let e = one_line_error(&[
-        "replicate",
-        "--dest",
-        &dest,
-        "--volume",
-        "v",
-        "--to",
-        replica.to_str().unwrap(),
-    ]);
+    let damaged = state.replace("snapshot 2", "snapshot 9");
+    std::fs::write(p.join("replica.img.replica"), damaged).unwrap();
+    let e = refused(&replica);
     assert!(e.contains("damaged replica state"), "{e}");
 }

@@ -22,7 +22,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, socket: &Path) -> Daemon {
-        let mut child = foresnap()
+        Self::start_as(foresnap(), config, socket)
+    }
+
+    /// `cmd daemon --config CONFIG` (`cmd`: `foresnap` with an environment).
+    fn start_as(mut cmd: std::process::Command, config: &Path, socket: &Path) -> Daemon {
+        let mut child = cmd
             .args(["daemon", "--config", config.to_str().unwrap()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -467,22 +472,7 @@ fn a_tenant_is_served_only_where_its_own_key_writes() {
     );
 
     // The daemon itself: b is refused and never started, a is tried.
-    let mut child = s
-        .foresnap()
-        .args(["daemon", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("daemon ready: "), "{line:?}");
-    let d = Daemon {
-        child: Some(child),
-        socket: socket.clone(),
-    };
+    let d = Daemon::start_as(s.foresnap(), &config, &socket);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (a, b) = loop {
         let vols = d.volumes(None);

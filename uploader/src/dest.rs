@@ -319,19 +319,34 @@ impl Destination for DirDestination {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// A directory that refuses puts, or hands back other bytes.
+    /// A destination in front of another that fails on purpose: refuses
+    /// every put, hands back every get with its first bit flipped, or fails
+    /// every get after the first `gets_ok` (shared by the modules' tests).
     #[derive(Debug)]
-    struct Bad {
-        inner: DirDestination,
-        refuse: bool,
+    pub(crate) struct Faulty<'d> {
+        pub inner: &'d dyn Destination,
+        pub refuse_puts: bool,
+        pub flip_gets: bool,
+        pub gets_ok: AtomicU64,
     }
 
-    impl Destination for Bad {
+    impl<'d> Faulty<'d> {
+        pub fn new(inner: &'d dyn Destination) -> Self {
+            Faulty {
+                inner,
+                refuse_puts: false,
+                flip_gets: false,
+                gets_ok: AtomicU64::new(u64::MAX),
+            }
+        }
+    }
+
+    impl Destination for Faulty<'_> {
         fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
-            if self.refuse {
+            if self.refuse_puts {
                 return Err(DestError::Remote {
                     dest: self.url(),
                     op: "put",
@@ -342,8 +357,20 @@ mod tests {
             self.inner.put(key, bytes)
         }
         fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
+            let left = self.gets_ok.load(Ordering::Relaxed);
+            if left == 0 {
+                return Err(DestError::Remote {
+                    dest: self.url(),
+                    op: "get",
+                    key: key.into(),
+                    why: "connection reset".into(),
+                });
+            }
+            self.gets_ok.store(left - 1, Ordering::Relaxed);
             let mut b = self.inner.get(key)?;
-            b[0] ^= 1;
+            if self.flip_gets {
+                b[0] ^= 1;
+            }
             Ok(b)
         }
         fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
@@ -369,16 +396,16 @@ mod tests {
         assert!(!keys.probe("1-2").starts_with(&keys.manifests()));
         assert!(!keys.probe("1-2").starts_with(&keys.objects()));
 
-        let refusing = Bad {
-            inner: DirDestination::open(dir.path()).unwrap(),
-            refuse: true,
+        let refusing = Faulty {
+            refuse_puts: true,
+            ..Faulty::new(&d)
         };
         let e = prove_write(&refusing, &keys, "3").unwrap_err().to_string();
         assert!(e.contains("access denied"), "{e}");
 
-        let garbling = Bad {
-            inner: DirDestination::open(dir.path()).unwrap(),
-            refuse: false,
+        let garbling = Faulty {
+            flip_gets: true,
+            ..Faulty::new(&d)
         };
         let e = prove_write(&garbling, &keys, "4").unwrap_err().to_string();
         assert!(e.contains("does not keep what it is given"), "{e}");

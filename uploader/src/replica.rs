@@ -427,61 +427,12 @@ impl Destination for Prefetched<'_> {
 mod tests {
     use super::*;
     use crate::dest::DirDestination;
+    use crate::dest::tests::Faulty;
     use crate::format::Codec;
+    use crate::restore::tests::{base, keys};
     use crate::restore::{SnapshotWriter, read_manifest};
 
     const MIB: usize = 1 << 20;
-
-    fn keys() -> Keys {
-        Keys::new("vol").unwrap()
-    }
-
-    fn base(volume_bytes: u64) -> Manifest {
-        Manifest {
-            volume_id: [7; 16],
-            snapshot: 0,
-            parent: 0,
-            closed_ms: 0,
-            volume_bytes,
-            block_bytes: 4096,
-            chunk_bytes: MIB as u32,
-            chunks: Vec::new(),
-        }
-    }
-
-    /// A destination that fails every get after `gets` of them.
-    #[derive(Debug)]
-    struct FailAfter<'d> {
-        inner: &'d dyn Destination,
-        gets: AtomicU64,
-    }
-
-    impl Destination for FailAfter<'_> {
-        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), DestError> {
-            self.inner.put(key, bytes)
-        }
-        fn get(&self, key: &str) -> Result<Vec<u8>, DestError> {
-            if self.gets.fetch_sub(1, Ordering::Relaxed) == 0 {
-                self.gets.store(0, Ordering::Relaxed);
-                return Err(DestError::Remote {
-                    dest: self.url(),
-                    op: "get",
-                    key: key.into(),
-                    why: "connection reset".into(),
-                });
-            }
-            self.inner.get(key)
-        }
-        fn list(&self, prefix: &str) -> Result<Vec<String>, DestError> {
-            self.inner.list(prefix)
-        }
-        fn delete(&self, key: &str) -> Result<(), DestError> {
-            self.inner.delete(key)
-        }
-        fn url(&self) -> String {
-            self.inner.url()
-        }
-    }
 
     /// Three snapshots of a 3-chunk volume: 1 full (chunk 1 never
     /// written), 2 a delta on chunk 0 and a new chunk 1, 3 a new chunk 2.
@@ -536,6 +487,44 @@ mod tests {
         }
     }
 
+    /// A new (empty) replica image in `dir`.
+    struct Image {
+        path: PathBuf,
+        file: File,
+    }
+
+    impl Image {
+        fn new(dir: &Path) -> Image {
+            let path = dir.join("replica.img");
+            drop(File::create_new(&path).unwrap());
+            let file = open_image(&path).unwrap();
+            Image { path, file }
+        }
+
+        /// [`apply`] with one worker and no progress.
+        fn apply(
+            &self,
+            dest: &dyn Destination,
+            from: Holds<'_>,
+            to: &Manifest,
+        ) -> Result<Applied, SnapshotError> {
+            apply(
+                dest,
+                &keys(),
+                &self.file,
+                &self.path,
+                from,
+                to,
+                1,
+                |_, _| {},
+            )
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            std::fs::read(&self.path).unwrap()
+        }
+    }
+
     /// Each apply writes only the chunks that changed, and the image then
     /// equals the snapshot; from a pruned parent, every chunk is written.
     #[test]
@@ -543,35 +532,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = DirDestination::open(&dir.path().join("dest")).unwrap();
         let (images, ms) = three_snapshots(&dest);
-        let path = dir.path().join("replica.img");
-        let f = File::create_new(&path).unwrap();
-        let f = {
-            drop(f);
-            open_image(&path).unwrap()
-        };
-        let a = apply(
-            &dest,
-            &keys(),
-            &f,
-            &path,
-            Holds::Zeroes,
-            &ms[0],
-            2,
-            |_, _| {},
-        )
-        .unwrap();
+        let img = Image::new(dir.path());
+        let a = img.apply(&dest, Holds::Zeroes, &ms[0]).unwrap();
         assert_eq!(
             (a.chunks, a.zeroed, a.total),
             (2, 0, 3),
             "chunk 1 stays a hole"
         );
-        assert_eq!(std::fs::read(&path).unwrap(), images[0]);
+        assert_eq!(img.bytes(), images[0]);
+        // Two workers, with progress.
         let seen = AtomicU64::new(0);
         let a = apply(
             &dest,
             &keys(),
-            &f,
-            &path,
+            &img.file,
+            &img.path,
             Holds::Snapshot(&ms[0]),
             &ms[1],
             2,
@@ -583,35 +558,15 @@ mod tests {
         .unwrap();
         assert_eq!((a.chunks, a.zeroed), (2, 0), "chunks 0 and 1 changed");
         assert_eq!(seen.into_inner(), 2);
-        assert_eq!(std::fs::read(&path).unwrap(), images[1]);
-        let a = apply(
-            &dest,
-            &keys(),
-            &f,
-            &path,
-            Holds::Snapshot(&ms[1]),
-            &ms[2],
-            2,
-            |_, _| {},
-        )
-        .unwrap();
+        assert_eq!(img.bytes(), images[1]);
+        let a = img.apply(&dest, Holds::Snapshot(&ms[1]), &ms[2]).unwrap();
         assert_eq!(a.chunks, 1, "chunk 2 changed");
-        assert_eq!(std::fs::read(&path).unwrap(), images[2]);
+        assert_eq!(img.bytes(), images[2]);
         // Back to 1 with no parent known: everything is rewritten, the
         // chunk snapshot 1 stores nothing for as zeroes.
-        let a = apply(
-            &dest,
-            &keys(),
-            &f,
-            &path,
-            Holds::Anything,
-            &ms[0],
-            1,
-            |_, _| {},
-        )
-        .unwrap();
+        let a = img.apply(&dest, Holds::Anything, &ms[0]).unwrap();
         assert_eq!((a.chunks, a.zeroed), (3, 1));
-        assert_eq!(std::fs::read(&path).unwrap(), images[0]);
+        assert_eq!(img.bytes(), images[0]);
     }
 
     /// An apply that fails part-way leaves a mix; applying again from the
@@ -621,52 +576,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dest = DirDestination::open(&dir.path().join("dest")).unwrap();
         let (images, ms) = three_snapshots(&dest);
-        let path = dir.path().join("replica.img");
-        drop(File::create_new(&path).unwrap());
-        let f = open_image(&path).unwrap();
-        apply(
-            &dest,
-            &keys(),
-            &f,
-            &path,
-            Holds::Zeroes,
-            &ms[0],
-            1,
-            |_, _| {},
-        )
-        .unwrap();
+        let img = Image::new(dir.path());
+        img.apply(&dest, Holds::Zeroes, &ms[0]).unwrap();
         // Snapshot 2 needs chunk 0 (object and delta: 2 gets) and chunk 1.
-        let cut = FailAfter {
-            inner: &dest,
-            gets: AtomicU64::new(2),
+        let cut = Faulty {
+            gets_ok: AtomicU64::new(2),
+            ..Faulty::new(&dest)
         };
-        let e = apply(
-            &cut,
-            &keys(),
-            &f,
-            &path,
-            Holds::Snapshot(&ms[0]),
-            &ms[1],
-            1,
-            |_, _| {},
-        )
-        .unwrap_err();
+        let e = img
+            .apply(&cut, Holds::Snapshot(&ms[0]), &ms[1])
+            .unwrap_err();
         assert!(e.to_string().contains("connection reset"), "{e}");
-        let mixed = std::fs::read(&path).unwrap();
+        let mixed = img.bytes();
         assert_ne!(mixed, images[0]);
         assert_ne!(mixed, images[1]);
-        apply(
-            &dest,
-            &keys(),
-            &f,
-            &path,
-            Holds::Snapshot(&ms[0]),
-            &ms[1],
-            1,
-            |_, _| {},
-        )
-        .unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), images[1]);
+        img.apply(&dest, Holds::Snapshot(&ms[0]), &ms[1]).unwrap();
+        assert_eq!(img.bytes(), images[1]);
     }
 
     /// Objects stored before their snapshot's manifest are fetched ahead
@@ -687,53 +612,21 @@ mod tests {
         // Snapshot 3's chunk 2 object, damaged while held.
         let key3 = keys().object(2, ms[2].chunks[2][0]);
         ahead.cache().get_mut(&key3).unwrap()[40] ^= 1;
-        let path = dir.path().join("replica.img");
-        drop(File::create_new(&path).unwrap());
-        let f = open_image(&path).unwrap();
-        apply(
-            &dest,
-            &keys(),
-            &f,
-            &path,
-            Holds::Zeroes,
-            &ms[0],
-            1,
-            |_, _| {},
-        )
-        .unwrap();
-        apply(
-            &ahead,
-            &keys(),
-            &f,
-            &path,
-            Holds::Snapshot(&ms[0]),
-            &ms[1],
-            1,
-            |_, _| {},
-        )
-        .unwrap();
+        let img = Image::new(dir.path());
+        img.apply(&dest, Holds::Zeroes, &ms[0]).unwrap();
+        img.apply(&ahead, Holds::Snapshot(&ms[0]), &ms[1]).unwrap();
         assert_eq!(
             ahead.hits.load(Ordering::Relaxed),
             2,
             "chunk 0's delta, chunk 1"
         );
-        apply(
-            &ahead,
-            &keys(),
-            &f,
-            &path,
-            Holds::Snapshot(&ms[1]),
-            &ms[2],
-            1,
-            |_, _| {},
-        )
-        .unwrap();
+        img.apply(&ahead, Holds::Snapshot(&ms[1]), &ms[2]).unwrap();
         assert_eq!(
             ahead.hits.load(Ordering::Relaxed),
             2,
             "the damaged one was read again"
         );
-        assert_eq!(std::fs::read(&path).unwrap(), images[2]);
+        assert_eq!(img.bytes(), images[2]);
         assert_eq!(ahead.held(), 0);
         // A budget bounds what is held; forgetting drops the applied.
         let ahead = Prefetched::new(&dest);

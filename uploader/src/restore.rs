@@ -739,17 +739,19 @@ fn check_object(
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dest::DirDestination;
 
-    fn keys() -> Keys {
+    /// The volume the tests store (shared by the modules' tests).
+    pub(crate) fn keys() -> Keys {
         Keys::new("vol").unwrap()
     }
 
     const MIB: usize = 1 << 20;
 
-    fn base(volume_bytes: u64) -> Manifest {
+    /// A volume of `volume_bytes` in 1 MiB chunks of 4 KiB blocks.
+    pub(crate) fn base(volume_bytes: u64) -> Manifest {
         Manifest {
             volume_id: [9; 16],
             snapshot: 0,
