@@ -524,6 +524,17 @@ fn parse_snapshot(s: &str) -> Result<Snapshot, String> {
         .ok_or_else(|| format!("invalid snapshot '{s}': give a snapshot id (1, 2, ...) or latest"))
 }
 
+fn parse_price(s: &str) -> Result<foresnap_uploader::price::Price, String> {
+    foresnap_uploader::price::Price::parse(s)
+}
+
+fn parse_restores(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| format!("invalid restore count '{s}': give a number >= 0, as 0.5 or 2"))
+}
+
 fn parse_workers(s: &str) -> Result<usize, String> {
     s.parse::<usize>()
         .ok()
@@ -537,6 +548,7 @@ pub enum DestPolicy {
     Single,
     Mirror,
     Alternate,
+    Price,
 }
 
 /// Where and how snapshots are uploaded (`serve`, `backup`).
@@ -553,9 +565,21 @@ pub struct UploadArgs {
     /// volume first receives the newest snapshot's objects) or `alternate`
     /// (snapshot N complete at the ((N-1) mod count)th --dest, round-robin;
     /// the objects it shares with earlier snapshots are copied there
-    /// before its manifest).
+    /// before its manifest) or `price` (each snapshot complete at the --dest
+    /// whose --price gives the lowest forecast monthly cost, from the
+    /// uploads so far; a change of destination needs a 10% saving).
     #[arg(long, value_name = "POLICY", value_enum, default_value = "single")]
     pub dest_policy: DestPolicy,
+    /// With --dest-policy price: a --dest's prices, one --price per --dest
+    /// in the same order: storage (per GiB-month), put and get (per 1000
+    /// requests), egress (per GiB), as storage=0.023,put=0.005,get=0.0004,egress=0.09;
+    /// a field left out costs nothing.
+    #[arg(long, value_name = "PRICES", value_parser = parse_price)]
+    pub price: Vec<foresnap_uploader::price::Price>,
+    /// With --dest-policy price: whole restores a month to count in the
+    /// forecast (a GET per chunk and the volume's bytes out each).
+    #[arg(long, value_name = "N", default_value_t = 1.0, value_parser = parse_restores)]
+    pub restores_per_month: f64,
     /// The volume's name at the destination [default: the backing file's
     /// name].
     #[arg(long, value_name = "NAME")]

@@ -168,6 +168,7 @@ fn answer(
                         "failures": h.failures,
                         "last_error": h.last_error,
                         "retry_at_ms": h.retry_at_ms,
+                        "price_forecast": u.priced.as_deref().and_then(crate::upload::price_lines),
                     })
                 }),
                 "prune": upload.and_then(|u| u.prune.as_ref()).map(|p| {

@@ -530,6 +530,9 @@ fn print_upload(u: &serde_json::Value, out: &mut String) -> std::fmt::Result {
             "upload            ok to {dest}: nothing stored yet by this server"
         )?;
     }
+    for line in u["price_forecast"].as_array().into_iter().flatten() {
+        writeln!(out, "price             {}", line.as_str().unwrap_or("?"))?;
+    }
     Ok(())
 }
 

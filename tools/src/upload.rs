@@ -140,6 +140,8 @@ pub struct UploadPlan {
     scheduled: Option<Scheduled>,
     /// `--keep-*`: the policy and each destination on its own.
     prune: Option<(Retention, Vec<Arc<dyn Destination>>)>,
+    /// `--dest-policy price`: its forecasts.
+    priced: Option<Arc<Copies>>,
 }
 
 /// `serve --keep-*` prunes at most this often.
@@ -179,6 +181,7 @@ pub fn prepare(
         None => None,
     };
     let cap = sched.and_then(|s| s.upload_cap.clone());
+    let mut priced = None;
     let mut dest = match args.dest_policy {
         DestPolicy::Single => {
             if args.dest.len() > 1 {
@@ -200,7 +203,27 @@ pub fn prepare(
                 keys.clone(),
             ))
         }
+        DestPolicy::Price => {
+            if args.dest.len() < 2 || args.price.len() != args.dest.len() {
+                bail!(
+                    "--dest-policy price needs two or more --dest and one --price for each,                      in the same order ({} --dest, {} --price)",
+                    args.dest.len(),
+                    args.price.len()
+                );
+            }
+            let c = Arc::new(Copies::price(
+                open_all(&args.dest, &keys, key)?,
+                keys.clone(),
+                args.price.clone(),
+                args.restores_per_month,
+            ));
+            priced = Some(c.clone());
+            c
+        }
     };
+    if args.dest_policy != DestPolicy::Price && !args.price.is_empty() {
+        bail!("--price is for --dest-policy price");
+    }
     let link =
         (scheduled.is_some() || cap.is_some()).then(|| Arc::new(Link::new(dest.clone(), cap)));
     if let Some(l) = &link {
@@ -232,6 +255,7 @@ pub fn prepare(
         link,
         scheduled,
         prune,
+        priced,
     }))
 }
 
@@ -244,6 +268,8 @@ pub struct UploadView {
     pub health: Arc<UploadHealth>,
     /// With `--keep-*`: the pruner's standing.
     pub prune: Option<Arc<PruneHealth>>,
+    /// With `--dest-policy price`: the destinations and their forecasts.
+    pub priced: Option<Arc<Copies>>,
 }
 
 impl UploadPlan {
@@ -343,6 +369,7 @@ impl UploadPlan {
             deadlines,
             health,
             prune,
+            priced: self.priced.clone(),
         })
     }
 }
@@ -409,11 +436,31 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
     while let Some(r) = up.upload_next()? {
         print_report(&mut out, &r, &plan.dest.url())?;
     }
+    if let Some(lines) = plan.priced.as_deref().and_then(price_lines) {
+        for l in lines {
+            writeln!(out, "{l}")?;
+        }
+    }
     drop(out);
     if let Some((policy, members)) = &plan.prune {
         crate::prune::apply(members, &plan.keys, policy, false)?;
     }
     Ok(())
+}
+
+/// `--dest-policy price`: a line per destination with its forecast monthly
+/// cost, the one the next snapshot goes to marked.
+pub fn price_lines(c: &Copies) -> Option<Vec<String>> {
+    let (each, next) = c.price_forecast()?;
+    Some(
+        each.iter()
+            .enumerate()
+            .map(|(i, (url, f))| {
+                let mark = if i == next { "  <- next snapshot" } else { "" };
+                format!("forecast at {url}: {f}{mark}")
+            })
+            .collect(),
+    )
 }
 
 fn print_report(out: &mut impl Write, r: &UploadReport, url: &str) -> std::io::Result<()> {

@@ -455,6 +455,89 @@ fn alternating_backups_are_each_complete_at_their_destination() {
     assert!(e.contains("two or more"), "{e}");
 }
 
+/// `backup --dest-policy price` over two directories, A with cheap storage
+/// and dear PUTs, B the other way: snapshot 1 goes to A (nothing measured
+/// yet), then the puts its manifest shows make B cheaper, so snapshots 2
+/// and 3 go to B, each complete there; the report gives each forecast.
+#[test]
+fn priced_backups_go_where_the_forecast_is_lowest() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol.img");
+    let image = write_image(&vol, 3, 2_246_822_519);
+    let a = format!("file://{}", dir.path().join("a").display());
+    let b = format!("file://{}", dir.path().join("b").display());
+    let priced = || {
+        let mut c = foresnap();
+        c.args(["backup", "--volume", "v", "--chunk-size", "1M"])
+            .args(["--dest-policy", "price", "--dest", &a, "--dest", &b])
+            .args([
+                "--price",
+                "storage=0.01,put=5",
+                "--price",
+                "storage=0.02,put=0.005",
+            ])
+            .arg("--backing")
+            .arg(&vol);
+        common::run(&mut c)
+    };
+    let first = priced();
+    assert!(first.contains("snapshot 1 uploaded to price("), "{first}");
+    assert!(
+        first.contains(&format!("forecast at {b}: ")) && first.contains("<- next snapshot"),
+        "{first}"
+    );
+    let next = first.lines().find(|l| l.contains("<- next")).unwrap();
+    assert!(next.starts_with(&format!("forecast at {b}: ")), "{first}");
+    priced();
+    priced();
+    let listed =
+        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
+    let at: Vec<&str> = listed
+        .lines()
+        .map(|l| l.split("complete at: ").nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        at,
+        vec![
+            format!("{a}  not at: {b}"),
+            format!("{b}  not at: {a}"),
+            format!("{b}  not at: {a}")
+        ],
+        "{listed}"
+    );
+    for (id, d) in [("1", &a), ("2", &b), ("3", &b)] {
+        let to = dir.path().join(format!("r{id}"));
+        assert!(restored(d, id, &to) == image, "snapshot {id} from {d}");
+    }
+    let v = vol.to_str().unwrap();
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--dest",
+        &b,
+        "--dest-policy",
+        "price",
+        "--price",
+        "storage=1",
+    ]);
+    assert!(e.contains("one --price for each"), "{e}");
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--price",
+        "storage=1",
+    ]);
+    assert!(e.contains("--price is for --dest-policy price"), "{e}");
+    let e = one_line_error(&["backup", "--backing", v, "--dest", &a, "--price", "disk=1"]);
+    assert!(e.contains("invalid price field \"disk\""), "{e}");
+}
+
 /// `tier` after two backups into a fast directory, with `--age 0s`:
 /// snapshot 1 moves to the slow directory and restores from it alone,
 /// bit-exact; snapshot 2, the newest, stays at the fast one with the

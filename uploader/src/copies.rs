@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 
 use crate::dest::{DestError, Destination};
 use crate::format::{Keys, Manifest, ObjectRef};
+use crate::price::{Forecast, Price, Usage, choose, forecast};
 use crate::restore::decode_named;
 
 /// Latency assumed for a member before its first read: none, so that every
@@ -157,14 +158,34 @@ pub struct Copies {
 }
 
 /// Where a put goes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Placement {
     /// Every member.
     Mirror,
     /// The member of the key's snapshot ([`Copies::member_of`]), for the
     /// volume of these keys.
     Alternate(Keys),
+    /// The member with the lowest forecast monthly cost when the key's
+    /// snapshot first comes ([`crate::price`]), for the volume of these
+    /// keys.
+    Price(Keys, Mutex<PriceBook>),
 }
+
+/// The `price` policy's state: the tables, what the uploads showed, and
+/// where each snapshot went.
+#[derive(Debug)]
+struct PriceBook {
+    prices: Vec<Price>,
+    restores_per_month: f64,
+    usage: Usage,
+    placed: std::collections::BTreeMap<u32, usize>,
+    current: Option<usize>,
+    /// Whether the use was read from the members' newest manifests.
+    seeded: bool,
+}
+
+/// Manifests read to seed the `price` policy's use.
+const PRICE_SEED_MANIFESTS: usize = 8;
 
 /// What a read at one member brought back.
 type Answer = (usize, Duration, Result<Vec<u8>, DestError>);
@@ -194,6 +215,53 @@ impl Copies {
         let mut c = Copies::new(members);
         c.placement = Placement::Alternate(keys);
         c
+    }
+
+    /// `price` over `members` for the volume of `keys`: each snapshot is
+    /// complete at the member whose `prices` (one per member, in order)
+    /// give the lowest forecast monthly cost when it comes, with
+    /// `restores_per_month` whole restores ([`crate::price`]). A member
+    /// other than its parent's gets the objects it shares with them
+    /// copied before its manifest, as with `alternate`.
+    pub fn price(
+        members: Vec<Arc<dyn Destination>>,
+        keys: Keys,
+        prices: Vec<Price>,
+        restores_per_month: f64,
+    ) -> Copies {
+        assert_eq!(members.len(), prices.len(), "a price table per member");
+        let mut c = Copies::new(members);
+        c.placement = Placement::Price(
+            keys,
+            Mutex::new(PriceBook {
+                prices,
+                restores_per_month,
+                usage: Usage::default(),
+                placed: std::collections::BTreeMap::new(),
+                current: None,
+                seeded: false,
+            }),
+        );
+        c
+    }
+
+    /// Under `price`: each member's URL and forecast from the uploads so
+    /// far, and the member the next snapshot goes to. `None` otherwise.
+    pub fn price_forecast(&self) -> Option<(Vec<(String, Forecast)>, usize)> {
+        let Placement::Price(_, book) = &self.placement else {
+            return None;
+        };
+        let b = book
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let each = self
+            .members
+            .iter()
+            .zip(&b.prices)
+            .map(|(m, p)| (m.dest.url(), forecast(p, &b.usage, b.restores_per_month)))
+            .collect();
+        let next = choose(&b.prices, &b.usage, b.restores_per_month, b.current);
+        Some((each, next))
     }
 
     /// A read is raced at another member after `stall` at the least.
@@ -569,7 +637,92 @@ impl Copies {
         let Some(id) = keys.snapshot_of(key) else {
             return self.put_everywhere(key, bytes);
         };
-        let i = self.member_of(id);
+        self.put_placed(keys, self.member_of(id), id, key, bytes)
+    }
+
+    /// `price`: the member chosen when the key's snapshot first came; the
+    /// uploads' use is counted for the next choice.
+    fn put_priced(
+        &self,
+        keys: &Keys,
+        book: &Mutex<PriceBook>,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), DestError> {
+        let Some(id) = keys.snapshot_of(key) else {
+            return self.put_everywhere(key, bytes);
+        };
+        let i = {
+            let mut b = book
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !b.seeded {
+                b.seeded = true;
+                if let Err(e) = self.seed_price(keys, &mut b) {
+                    log::warn!(
+                        "price: reading the volume's manifests: {e}; forecasting without them"
+                    );
+                }
+            }
+            match b.placed.get(&id) {
+                Some(&i) => i,
+                None => {
+                    let i = choose(&b.prices, &b.usage, b.restores_per_month, b.current);
+                    if b.current != Some(i) {
+                        let f = forecast(&b.prices[i], &b.usage, b.restores_per_month);
+                        log::info!(
+                            "price: snapshot {id} and those after it go to {} (forecast {f})",
+                            self.members[i].dest.url()
+                        );
+                    }
+                    b.current = Some(i);
+                    b.placed.insert(id, i);
+                    i
+                }
+            }
+        };
+        self.put_placed(keys, i, id, key, bytes)?;
+        if keys.is_manifest(key)
+            && let Ok(m) = Manifest::decode(bytes)
+        {
+            book.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .usage
+                .add(&m);
+        }
+        Ok(())
+    }
+
+    /// `price`, before its first put: the use the newest manifests at the
+    /// members show, and the member the newest is at (the current one).
+    fn seed_price(&self, keys: &Keys, b: &mut PriceBook) -> Result<(), DestError> {
+        let mut at: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+        for (i, m) in self.members.iter().enumerate() {
+            for id in keys.snapshot_ids(&m.dest.list(&keys.manifests())?) {
+                at.entry(id).or_insert(i);
+            }
+        }
+        b.current = at.values().next_back().copied();
+        let newest: Vec<(u32, usize)> = at.into_iter().rev().take(PRICE_SEED_MANIFESTS).collect();
+        for &(id, i) in newest.iter().rev() {
+            let bytes = self.members[i].dest.get(&keys.manifest(id))?;
+            if let Ok(m) = Manifest::decode(&bytes) {
+                b.usage.add(&m);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `key` of snapshot `id` at member `i`; a manifest only once
+    /// `i` holds every object it references (copied from the others).
+    fn put_placed(
+        &self,
+        keys: &Keys,
+        i: usize,
+        id: u32,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), DestError> {
         if keys.is_manifest(key) {
             let m = Manifest::decode(bytes).map_err(|e| DestError::Remote {
                 dest: self.url(),
@@ -612,6 +765,7 @@ impl Destination for Copies {
             _ if self.members.len() == 1 => self.put_at(0, key, bytes),
             Placement::Mirror => self.put_everywhere(key, bytes),
             Placement::Alternate(keys) => self.put_alternating(keys, key, bytes),
+            Placement::Price(keys, book) => self.put_priced(keys, book, key, bytes),
         }
     }
 
@@ -664,6 +818,7 @@ impl Destination for Copies {
         match self.placement {
             Placement::Mirror => format!("mirror({})", urls.join(", ")),
             Placement::Alternate(_) => format!("alternate({})", urls.join(", ")),
+            Placement::Price(..) => format!("price({})", urls.join(", ")),
         }
     }
 
@@ -673,7 +828,7 @@ impl Destination for Copies {
         let each = self.members.iter().map(|m| m.dest.object_copies());
         match self.placement {
             Placement::Mirror => each.sum(),
-            Placement::Alternate(_) => each.max().unwrap_or(0),
+            Placement::Alternate(_) | Placement::Price(..) => each.max().unwrap_or(0),
         }
     }
 }
@@ -775,6 +930,109 @@ mod tests {
 
     fn dir_dest(p: &std::path::Path) -> Arc<dyn Destination> {
         Arc::new(DirDestination::open(p).unwrap())
+    }
+
+    /// What [`write_three`] stored.
+    struct Written {
+        /// The image at each snapshot's close.
+        images: Vec<Vec<u8>>,
+        /// The image now, its geometry, and the last manifest.
+        image: Vec<u8>,
+        base: Manifest,
+        last: Manifest,
+    }
+
+    /// Snapshots 1 (two chunks), 2 and 3 (a delta on chunk 0 each) of a
+    /// 2 MiB volume, written through `c`, closed at 1, 2 and 3 ms.
+    fn write_three(c: &Copies, keys: &Keys) -> Written {
+        let vol = 2 * MIB as u64;
+        let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 239) as u8).collect();
+        let base = base(vol, 3);
+        let mut images = Vec::new();
+        let mut parent: Option<Manifest> = None;
+        for id in 1..=3u32 {
+            let w = SnapshotWriter::new(
+                c,
+                keys,
+                &base,
+                parent.as_ref(),
+                id,
+                u64::from(id),
+                Codec::Zstd(1),
+            );
+            if id == 1 {
+                w.put_chunk(0, &image[..MIB]).unwrap();
+                w.put_chunk(1, &image[MIB..]).unwrap();
+            } else {
+                let b0 = id as usize * 4096;
+                image[b0..b0 + 4096].fill(id as u8);
+                w.put_delta(0, &[(id, &image[b0..b0 + 4096])]).unwrap();
+            }
+            parent = Some(w.commit().unwrap());
+            images.push(image.clone());
+        }
+        Written {
+            images,
+            image,
+            base,
+            last: parent.unwrap(),
+        }
+    }
+
+    /// Each `(snapshot, member)` restores from that member alone to the
+    /// snapshot's image.
+    fn restores_alone(
+        dir: &std::path::Path,
+        keys: &Keys,
+        at: &[(u32, &Arc<dyn Destination>)],
+        images: &[Vec<u8>],
+    ) {
+        for &(id, d) in at {
+            let m = read_manifest(d.as_ref(), keys, id).unwrap();
+            let out = dir.join(format!("r{id}-{}", d.url().len()));
+            restore_image(d.as_ref(), keys, &m, &out, 2, |_, _| {}).unwrap();
+            assert!(
+                std::fs::read(&out).unwrap() == images[id as usize - 1],
+                "snapshot {id} at {}",
+                d.url()
+            );
+        }
+    }
+
+    /// `price`: snapshot 1 at the cheapest storage (nothing measured yet);
+    /// its puts then make the cheap-PUT member cheaper past the margin, so
+    /// snapshots 2 and 3 go there, complete (snapshot 1's objects copied
+    /// for them); each restores alone, and the forecast says why.
+    #[test]
+    fn price_sends_snapshots_where_the_forecast_is_lowest() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir_dest(&dir.path().join("a"));
+        let b = dir_dest(&dir.path().join("b"));
+        let keys = Keys::new("vol").unwrap();
+        let cheap_storage = Price::parse("storage=0.01,put=5").unwrap();
+        let cheap_puts = Price::parse("storage=0.02,put=0.005").unwrap();
+        let c = Copies::price(
+            vec![a.clone(), b.clone()],
+            keys.clone(),
+            vec![cheap_storage, cheap_puts],
+            1.0,
+        );
+        assert!(c.url().starts_with("price("));
+        let (before, next) = c.price_forecast().unwrap();
+        assert_eq!((before[0].1.total(), next), (0.0, 0), "nothing measured");
+        let w = write_three(&c, &keys);
+        assert_eq!(keys.snapshot_ids(&a.list(&keys.manifests()).unwrap()), [1]);
+        assert_eq!(
+            keys.snapshot_ids(&b.list(&keys.manifests()).unwrap()),
+            [2, 3]
+        );
+        restores_alone(dir.path(), &keys, &[(1, &a), (2, &b), (3, &b)], &w.images);
+        let (each, next) = c.price_forecast().unwrap();
+        assert_eq!(next, 1);
+        assert!(each[0].1.total() > each[1].1.total(), "{each:?}");
+        assert!(each[0].1.puts > 0.0 && each[1].1.storage > 0.0, "{each:?}");
+        // Mirror and alternate have no forecast.
+        assert!(Copies::new(vec![a]).price_forecast().is_none());
     }
 
     fn two(dir: &std::path::Path, delay: Duration) -> (Arc<Faulty>, Arc<Faulty>, Copies) {
@@ -963,32 +1221,13 @@ mod tests {
         let keys = Keys::new("vol").unwrap();
         let c = Copies::alternate(vec![a.clone(), b.clone()], keys.clone());
         assert!(c.url().starts_with("alternate("));
-        let vol = 2 * MIB as u64;
-        let mut image: Vec<u8> = (0..vol as usize).map(|i| (i % 239) as u8).collect();
-        let base = base(vol, 3);
-        let mut images = Vec::new();
-        let mut parent: Option<Manifest> = None;
-        for id in 1..=3u32 {
-            let w = SnapshotWriter::new(
-                &c,
-                &keys,
-                &base,
-                parent.as_ref(),
-                id,
-                u64::from(id),
-                Codec::Zstd(1),
-            );
-            if id == 1 {
-                w.put_chunk(0, &image[..MIB]).unwrap();
-                w.put_chunk(1, &image[MIB..]).unwrap();
-            } else {
-                let b0 = id as usize * 4096;
-                image[b0..b0 + 4096].fill(id as u8);
-                w.put_delta(0, &[(id, &image[b0..b0 + 4096])]).unwrap();
-            }
-            parent = Some(w.commit().unwrap());
-            images.push(image.clone());
-        }
+        let Written {
+            images,
+            image,
+            base,
+            last,
+        } = write_three(&c, &keys);
+        let parent = Some(last);
         assert_eq!(
             keys.snapshot_ids(&a.list(&keys.manifests()).unwrap()),
             vec![1, 3]
@@ -997,15 +1236,7 @@ mod tests {
             keys.snapshot_ids(&b.list(&keys.manifests()).unwrap()),
             vec![2]
         );
-        for (id, d) in [(1, &a), (2, &b), (3, &a)] {
-            let m = read_manifest(d.as_ref(), &keys, id).unwrap();
-            let out = dir.path().join(format!("r{id}"));
-            restore_image(d.as_ref(), &keys, &m, &out, 2, |_, _| {}).unwrap();
-            assert!(
-                std::fs::read(&out).unwrap() == images[id as usize - 1],
-                "snapshot {id}"
-            );
-        }
+        restores_alone(dir.path(), &keys, &[(1, &a), (2, &b), (3, &a)], &images);
         // Snapshot 2's delta was copied to a for snapshot 3; b holds only
         // what snapshot 2 needs.
         assert_eq!(a.list(&keys.objects()).unwrap().len(), 4);

@@ -15,6 +15,7 @@ pub mod format;
 pub mod link;
 mod live;
 pub mod plan;
+pub mod price;
 pub mod replica;
 pub mod restore;
 pub mod retention;
