@@ -302,17 +302,24 @@ pub fn apply(
     })
 }
 
-/// Opens `image` for [`apply`]: read-write, and only if it is a regular
-/// file or a block device.
+/// Opens `image` for [`apply`]: read-write; a block device exclusively
+/// (`O_EXCL`), so never while it is mounted or served.
 pub fn open_image(image: &Path) -> Result<File, ReplicaError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .map_err(|error| ReplicaError::Io {
-            path: image.display().to_string(),
-            error,
-        })
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let err = |error| ReplicaError::Io {
+        path: image.display().to_string(),
+        error,
+    };
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if std::fs::metadata(image)
+        .map_err(err)?
+        .file_type()
+        .is_block_device()
+    {
+        o.custom_flags(libc::O_EXCL);
+    }
+    o.open(image).map_err(err)
 }
 
 /// A destination whose gets are served from objects fetched ahead
