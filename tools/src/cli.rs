@@ -131,7 +131,7 @@ pub enum Command {
     /// while it waits. A run cut short is finished by the next.
     #[command(after_help = "Examples:\n  \
         foresnap replicate --dest s3://backups/prod --volume db --to /var/lib/foresnap/db-replica.img\n  \
-        foresnap replicate --dest file:///backup --volume db --to /dev/vg0/db-replica --follow --poll 5s\n  \
+        foresnap replicate --dest file:///backup --volume db --to /dev/vg0/db-replica --state /var/lib/foresnap/db-replica.state --follow\n  \
         foresnap replicate --daemon --volume db --to /srv/replica.img --follow\n\n\
         To fail over: stop the follower and serve the replica:\n  \
         foresnap serve --backing /var/lib/foresnap/db-replica.img ...")]
@@ -400,6 +400,10 @@ pub struct ReplicateArgs {
     /// as the volume.
     #[arg(long, value_name = "PATH")]
     pub to: PathBuf,
+    /// The replica's state: the snapshot it holds [default: TO.replica;
+    /// required for a block device].
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
     /// Keep following: look for a newer snapshot every --poll, until
     /// SIGINT or SIGTERM.
     #[arg(long)]

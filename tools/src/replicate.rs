@@ -3,7 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ pub fn run(args: &ReplicateArgs) -> anyhow::Result<()> {
                 .context("cannot install signal handlers")?;
         }
     }
-    let mut replica = Replica::open(&args.to)?;
+    let mut replica = Replica::open(&args.to, args.state.as_deref())?;
     loop {
         match replica.catch_up(&ahead, &keys, args) {
             Ok(()) => {}
@@ -98,6 +98,8 @@ fn transient(e: &anyhow::Error) -> bool {
 /// The replica image, locked, and what its state says it holds.
 struct Replica<'p> {
     path: &'p Path,
+    /// Its state file.
+    state_path: PathBuf,
     file: std::fs::File,
     state: Option<ReplicaState>,
     /// A block device: every chunk is written, none left as a hole.
@@ -108,20 +110,29 @@ impl<'p> Replica<'p> {
     /// Opens (or creates) `path` and locks it against a second follower.
     /// An existing regular file without a state is not taken: it is not a
     /// replica, and its contents would be lost.
-    fn open(path: &'p Path) -> anyhow::Result<Replica<'p>> {
-        let state = ReplicaState::load(path)?;
+    fn open(path: &'p Path, state_path: Option<&Path>) -> anyhow::Result<Replica<'p>> {
         let device = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
+        let state_path = match state_path {
+            Some(p) => p.to_owned(),
+            None if device => bail!(
+                "{} is a block device: give --state FILE for its replica state \
+                 (on a filesystem that keeps it, not /dev)",
+                path.display()
+            ),
+            None => ReplicaState::path(path),
+        };
+        let state = ReplicaState::load(&state_path)?;
         let file = match (state, std::fs::metadata(path)) {
             (None, Ok(m)) if !m.file_type().is_block_device() => bail!(
                 "{} exists and is not a replica (no {}): replicate makes a new file, \
                  or writes a whole block device",
                 path.display(),
-                ReplicaState::path(path).display()
+                state_path.display()
             ),
             (Some(_), Err(e)) => bail!(
                 "{} has a replica state but no image ({e}): remove {} to start again",
                 path.display(),
-                ReplicaState::path(path).display()
+                state_path.display()
             ),
             (None, Err(_)) => {
                 std::fs::File::create_new(path)
@@ -140,6 +151,7 @@ impl<'p> Replica<'p> {
         }
         Ok(Replica {
             path,
+            state_path,
             file,
             state,
             device,
@@ -212,7 +224,7 @@ impl<'p> Replica<'p> {
                     volume_id: to.volume_id,
                     snapshot: 0,
                 }
-                .store(self.path)?;
+                .store(&self.state_path)?;
                 if self.device {
                     Holds::Anything
                 } else {
@@ -242,7 +254,7 @@ impl<'p> Replica<'p> {
             volume_id: to.volume_id,
             snapshot: newest,
         };
-        state.store(self.path)?;
+        state.store(&self.state_path)?;
         self.state = Some(state);
         ahead.forget_through(keys, newest);
         let behind_s = (now_ms().saturating_sub(to.closed_ms)) as f64 / 1e3;

@@ -3,7 +3,8 @@
 //! holds a copy at most one snapshot behind (`foresnap replicate
 //! --follow`).
 //!
-//! - **State.** `IMAGE.replica` records the volume's id and the snapshot
+//! - **State.** `IMAGE.replica` (or a file of the caller's choice: a block
+//!   device's cannot live beside it in `/dev`) records the volume's id and the snapshot
 //!   the image equals, with a crc32c. It is replaced atomically (written
 //!   beside, synced, renamed, directory synced), and only after the image
 //!   itself is synced: the state never names a snapshot the image does not
@@ -129,10 +130,10 @@ impl ReplicaState {
         })
     }
 
-    /// The state of `image`, or `None` when it has none.
-    pub fn load(image: &Path) -> Result<Option<ReplicaState>, ReplicaError> {
-        let path = Self::path(image);
-        match std::fs::read_to_string(&path) {
+    /// The state in file `path` (as [`ReplicaState::path`] names it), or
+    /// `None` when there is none.
+    pub fn load(path: &Path) -> Result<Option<ReplicaState>, ReplicaError> {
+        match std::fs::read_to_string(path) {
             Ok(text) => Self::decode(&text)
                 .map(Some)
                 .map_err(|why| ReplicaError::Damaged {
@@ -147,9 +148,9 @@ impl ReplicaState {
         }
     }
 
-    /// Replaces `image`'s state with this one, atomically and durably.
-    pub fn store(&self, image: &Path) -> Result<(), ReplicaError> {
-        let path = Self::path(image);
+    /// Replaces the state in file `path` with this one, atomically and
+    /// durably.
+    pub fn store(&self, path: &Path) -> Result<(), ReplicaError> {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -160,8 +161,8 @@ impl ReplicaState {
         let mut f = File::create(&tmp).map_err(err)?;
         f.write_all(self.encode().as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        sync_dir(&path).map_err(err)
+        std::fs::rename(&tmp, path).map_err(err)?;
+        sync_dir(path).map_err(err)
     }
 }
 
@@ -472,15 +473,15 @@ mod tests {
     fn the_state_round_trips_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("replica.img");
-        assert_eq!(ReplicaState::load(&image).unwrap(), None);
+        let path = ReplicaState::path(&image);
+        assert!(path.ends_with("replica.img.replica"));
+        assert_eq!(ReplicaState::load(&path).unwrap(), None);
         let s = ReplicaState {
             volume_id: [0xA5; 16],
             snapshot: 42,
         };
-        s.store(&image).unwrap();
-        assert_eq!(ReplicaState::load(&image).unwrap(), Some(s));
-        let path = ReplicaState::path(&image);
-        assert!(path.ends_with("replica.img.replica"));
+        s.store(&path).unwrap();
+        assert_eq!(ReplicaState::load(&path).unwrap(), Some(s));
         let text = std::fs::read_to_string(&path).unwrap();
         for bad in [
             text.replace("snapshot 42", "snapshot 43"),
@@ -489,7 +490,7 @@ mod tests {
             String::new(),
         ] {
             std::fs::write(&path, &bad).unwrap();
-            let e = ReplicaState::load(&image).unwrap_err().to_string();
+            let e = ReplicaState::load(&path).unwrap_err().to_string();
             assert!(e.contains("damaged replica state"), "{bad:?}: {e}");
         }
     }
