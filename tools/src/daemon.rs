@@ -287,24 +287,41 @@ fn replica(v: &Volume) -> Result<Vol, ConfigError> {
     else {
         unreachable!("parsed as replicate")
     };
-    Ok(Vol {
-        kind: Kind::Replica,
+    Ok(job(
+        v,
+        args,
+        r.from.dest.clone(),
+        &r.from.volume,
+        &r.from.key,
+    ))
+}
+
+/// A replica's or tier's `Vol`: no device, socket or metrics of its own.
+fn job(
+    v: &Volume,
+    args: Vec<String>,
+    dest: Vec<String>,
+    dest_volume: &str,
+    key: &crate::cli::KeyArgs,
+) -> Vol {
+    Vol {
+        kind: v.kind,
         name: v.name.clone(),
         tenant: v.tenant.clone(),
         args,
         socket: PathBuf::new(),
         metrics: None,
-        dest: r.from.dest.clone(),
-        dest_policy: String::new(),
-        dest_volume: r.from.volume.clone(),
-        key_file: r.from.key.key_file.clone(),
-        key_env: r.from.key.key_env.clone(),
+        dest,
+        dest_policy: v.kind.word().into(),
+        dest_volume: dest_volume.to_owned(),
+        key_file: key.key_file.clone(),
+        key_env: key.key_env.clone(),
         creds: None,
         state: Mutex::new(VolState {
             phase: "starting",
             ..VolState::default()
         }),
-    })
+    }
 }
 
 /// How often a `[[tier]]` without `watch` looks for snapshots to move.
@@ -331,24 +348,13 @@ fn tier(v: &Volume) -> Result<Vol, ConfigError> {
     else {
         unreachable!("parsed as tier")
     };
-    Ok(Vol {
-        kind: Kind::Tier,
-        name: v.name.clone(),
-        tenant: v.tenant.clone(),
+    Ok(job(
+        v,
         args,
-        socket: PathBuf::new(),
-        metrics: None,
-        dest: vec![t.fast.clone(), t.slow.clone()],
-        dest_policy: "tier".into(),
-        dest_volume: t.volume.clone(),
-        key_file: t.key.key_file.clone(),
-        key_env: t.key.key_env.clone(),
-        creds: None,
-        state: Mutex::new(VolState {
-            phase: "starting",
-            ..VolState::default()
-        }),
-    })
+        vec![t.fast.clone(), t.slow.clone()],
+        &t.volume,
+        &t.key,
+    ))
 }
 
 fn volume(config: &Config, v: &Volume) -> Result<Vol, ConfigError> {

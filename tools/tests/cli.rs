@@ -408,6 +408,29 @@ fn mirrored_backups_restore_from_every_copy() {
     assert!(e.contains("scatter"), "{e}");
 }
 
+/// Snapshots 1 to 3 of volume `v` are complete at `at[id - 1]` alone (as
+/// `snapshots` over both `dests` says) and restore from there to `image`.
+fn each_complete_at(dir: &std::path::Path, at: [&String; 3], dests: [&String; 2], image: &[u8]) {
+    let [a, b] = dests;
+    let listed =
+        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", a, "--dest", b]));
+    let got: Vec<&str> = listed
+        .lines()
+        .map(|l| l.split("complete at: ").nth(1).unwrap_or(""))
+        .collect();
+    let other = |d: &String| if d == a { b } else { a };
+    let want: Vec<String> = at
+        .iter()
+        .map(|d| format!("{d}  not at: {}", other(d)))
+        .collect();
+    assert_eq!(got, want, "{listed}");
+    for (i, d) in at.iter().enumerate() {
+        let id = (i + 1).to_string();
+        let to = dir.join(format!("r{id}"));
+        assert!(restored(d, &id, &to) == image, "snapshot {id} from {d}");
+    }
+}
+
 /// `backup --dest-policy alternate` over two directories: snapshots
 /// alternate, each complete and restorable from its own directory alone.
 #[test]
@@ -424,25 +447,7 @@ fn alternating_backups_are_each_complete_at_their_destination() {
             "{text}"
         );
     }
-    let listed =
-        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
-    let at: Vec<&str> = listed
-        .lines()
-        .map(|l| l.split("complete at: ").nth(1).unwrap_or(""))
-        .collect();
-    assert_eq!(
-        at,
-        vec![
-            format!("{a}  not at: {b}"),
-            format!("{b}  not at: {a}"),
-            format!("{a}  not at: {b}")
-        ],
-        "{listed}"
-    );
-    for (id, d) in [("1", &a), ("2", &b), ("3", &a)] {
-        let to = dir.path().join(format!("r{id}"));
-        assert!(restored(d, id, &to) == image, "snapshot {id} from {d}");
-    }
+    each_complete_at(dir.path(), [&a, &b, &a], [&a, &b], &image);
     let e = one_line_error(&[
         "backup",
         "--backing",
@@ -490,25 +495,7 @@ fn priced_backups_go_where_the_forecast_is_lowest() {
     assert!(next.starts_with(&format!("forecast at {b}: ")), "{first}");
     priced();
     priced();
-    let listed =
-        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
-    let at: Vec<&str> = listed
-        .lines()
-        .map(|l| l.split("complete at: ").nth(1).unwrap_or(""))
-        .collect();
-    assert_eq!(
-        at,
-        vec![
-            format!("{a}  not at: {b}"),
-            format!("{b}  not at: {a}"),
-            format!("{b}  not at: {a}")
-        ],
-        "{listed}"
-    );
-    for (id, d) in [("1", &a), ("2", &b), ("3", &b)] {
-        let to = dir.path().join(format!("r{id}"));
-        assert!(restored(d, id, &to) == image, "snapshot {id} from {d}");
-    }
+    each_complete_at(dir.path(), [&a, &b, &b], [&a, &b], &image);
     let v = vol.to_str().unwrap();
     let e = one_line_error(&[
         "backup",
