@@ -306,6 +306,13 @@ fn backup_killed_mid_upload_resumes(s: &Server) {
 /// ones, deleted at the server). Once the writer stops, the newest
 /// snapshot restores to the volume bit-exact and every snapshot verifies.
 fn scheduled_predictive_upload(s: &Server) {
+    let dir = tempfile::tempdir().unwrap();
+    scheduled_predictive(Arc::new(s.open("sched")), s.kind, dir.path());
+}
+
+/// [`scheduled_predictive_upload`] to `dest` (`label` in messages), in
+/// `dir`: the volume's path and the newest snapshot's id.
+fn scheduled_predictive(dest: Arc<dyn Destination>, label: &str, dir: &Path) -> (PathBuf, u32) {
     use foresnap_uploader::engine::early::run_scheduler;
     use foresnap_uploader::engine::{Deadlines, Early};
     use foresnap_uploader::link::{CapSchedule, Link};
@@ -313,14 +320,10 @@ fn scheduled_predictive_upload(s: &Server) {
     use foresnap_uploader::schedule::{Schedule, Zone};
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let dir = tempfile::tempdir().unwrap();
     let size = 32 * MIB;
-    let (t, vol, vp) = tracked_volume(dir.path(), "sched", size, 4 << 20);
+    let (t, vol, vp) = tracked_volume(dir, "sched", size, 4 << 20);
     let keys = Keys::new("sched").unwrap();
-    let link = Arc::new(Link::new(
-        Arc::new(s.open("sched")),
-        Some(CapSchedule::parse("4MiB/s").unwrap()),
-    ));
+    let link = Arc::new(Link::new(dest, Some(CapSchedule::parse("4MiB/s").unwrap())));
     let deadlines = Arc::new(Deadlines::new());
     let rate_link = link.clone();
     let early = Early::new(
@@ -371,7 +374,7 @@ fn scheduled_predictive_upload(s: &Server) {
         assert!(
             Instant::now() < deadline,
             "{}: no snapshot after the load",
-            s.kind
+            label
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -382,23 +385,23 @@ fn scheduled_predictive_upload(s: &Server) {
     let lags: Vec<f64> = deadlines.history().iter().map(|h| h.lag_s()).collect();
     eprintln!(
         "{}: scheduled snapshots' lags {lags:.2?} s; {early_bytes} bytes sent before their closes, {voided} voided",
-        s.kind
+        label
     );
     assert!(
         early_bytes > 0,
         "{}: nothing was uploaded before a close",
-        s.kind
+        label
     );
     let ids = list_snapshots(link.as_ref(), &keys).unwrap();
     let newest = *ids.last().unwrap();
     assert!(newest >= quiet_epoch);
     let m = read_manifest(link.as_ref(), &keys, newest).unwrap();
-    let out = dir.path().join("restored");
+    let out = dir.join("restored");
     restore_image(link.as_ref(), &keys, &m, &out, 4, |_, _| {}).unwrap();
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(&vp).unwrap(),
         "{}: the newest snapshot does not restore to the volume",
-        s.kind
+        label
     );
     let manifests: Vec<_> = ids
         .iter()
@@ -407,10 +410,87 @@ fn scheduled_predictive_upload(s: &Server) {
     assert!(
         manifests.iter().any(|m| m.has_parts()),
         "{}: no parts",
-        s.kind
+        label
     );
     let r = verify_snapshots(link.as_ref(), &keys, &manifests, 4, |_, _| {}).unwrap();
-    assert!(r.problems.is_empty(), "{}: {:?}", s.kind, r.problems);
+    assert!(r.problems.is_empty(), "{}: {:?}", label, r.problems);
+    (vp, newest)
+}
+
+/// Replication under predictive upload (issue 6, item 4): `replicate
+/// --follow` beside a scheduled uploader that stores parts before each
+/// close fetches them ahead, applies each snapshot as it completes, and
+/// ends equal to the volume. A directory destination: no server needed.
+#[test]
+fn a_replica_fetches_parts_ahead_of_each_close() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let dest_dir = dir.path().join("dest");
+    let dest: Arc<dyn Destination> = Arc::new(DirDestination::open(&dest_dir).unwrap());
+    let replica = dir.path().join("replica.img");
+    let mut follower = foresnap()
+        .args([
+            "replicate",
+            "--volume",
+            "sched",
+            "--follow",
+            "--poll",
+            "300ms",
+        ])
+        .arg("--dest")
+        .arg(format!("file://{}", dest_dir.display()))
+        .arg("--to")
+        .arg(&replica)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let (vp, newest) = scheduled_predictive(dest, "dir", dir.path());
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains(&format!(" at snapshot {newest}: ")))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("the replica did not reach snapshot {newest}: {lines:#?}"),
+        }
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(i32::try_from(follower.id()).unwrap(), libc::SIGTERM) };
+    assert!(follower.wait().unwrap().success());
+    assert!(
+        std::fs::read(&replica).unwrap() == std::fs::read(&vp).unwrap(),
+        "the replica is not the volume"
+    );
+    let ahead: u64 = lines
+        .iter()
+        .filter_map(|l| {
+            l.split(" objects fetched ahead")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    eprintln!("replica: {lines:#?}");
+    assert!(
+        ahead > 0,
+        "no part was fetched before its snapshot closed: {lines:#?}"
+    );
 }
 
 fn all_scenarios(kind: &'static str) {
