@@ -330,6 +330,40 @@ fn the_api_reports_a_failing_volume_and_refuses_bad_requests() {
     assert_eq!(acme[0]["name"], "a");
     let err = d.refused(&["status", "--volume", "b", "--tenant", "acme"]);
     assert!(err.contains("tenant acme has no volume b"), "{err}");
+    // Another tenant's snapshots: not listed, restored, pruned, verified
+    // or followed through the daemon (invariant 7).
+    let to = dir.path().join("stolen.img");
+    let to = to.to_str().unwrap();
+    for args in [
+        &["snapshots", "--volume", "a", "--tenant", "globex"][..],
+        &["restore", "--volume", "a", "--tenant", "globex", "--to", to],
+        &["verify", "--volume", "a", "--tenant", "globex"],
+        &[
+            "prune",
+            "--volume",
+            "a",
+            "--tenant",
+            "globex",
+            "--keep-last",
+            "1",
+        ],
+        &[
+            "replicate",
+            "--volume",
+            "a",
+            "--tenant",
+            "globex",
+            "--to",
+            to,
+        ],
+    ] {
+        let err = d.refused(args);
+        assert!(
+            err.contains("tenant globex has no volume a"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!Path::new(to).exists());
     let err = d.refused(&["snapshot", "--volume", "a"]);
     assert!(
         err.contains("volume a is restarting") || err.contains("volume a is starting"),
