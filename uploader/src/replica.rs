@@ -239,6 +239,19 @@ pub fn apply(
         if len < to.volume_bytes {
             image.set_len(to.volume_bytes).map_err(target)?;
         }
+    } else {
+        // A block device cannot grow: refused before a byte is written.
+        use std::io::{Seek as _, SeekFrom};
+        let size = (&*image).seek(SeekFrom::End(0)).map_err(target)?;
+        if size < to.volume_bytes {
+            return Err(target(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the device has {size} bytes, snapshot {} of the volume {}",
+                    to.snapshot, to.volume_bytes
+                ),
+            )));
+        }
     }
     let next = AtomicU64::new(0);
     let (done, zeroed, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
