@@ -1358,3 +1358,108 @@ fn a_replica_follows_each_snapshot_and_a_killed_apply_is_finished() {
     let e = refused(&replica);
     assert!(e.contains("damaged replica state"), "{e}");
 }
+
+/// A loop device over a new file of `bytes` in `dir`, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(dir: &std::path::Path, name: &str, bytes: u64) -> Loop {
+        let file = dir.join(name);
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&file)
+            .output()
+            .expect("losetup (util-linux) must be installed");
+        assert!(
+            out.status.success(),
+            "losetup: {} (needs root and loop devices: the VM test bed)",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+/// A replica on a block device (a loop device in the VM test bed): its
+/// state must live elsewhere (`--state`), a device smaller than the volume
+/// is refused before a byte is written, and each snapshot is applied onto
+/// the device bit-exact.
+#[test]
+#[ignore = "needs root and loop devices: the VM test bed (scripts/test)"]
+fn a_replica_on_a_block_device_keeps_its_state_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    let vol = p.join("vol.img");
+    write_image(&vol, 4, 11);
+    let dest = format!("file://{}", p.join("dest").display());
+    backup_to(&vol, &[&dest], "single");
+    let small = Loop::new(p, "small", 2 << 20);
+    let big = Loop::new(p, "big", 8 << 20);
+    let state = p.join("replica.state");
+    let replicate = |dev: &str, state: Option<&std::path::Path>| {
+        let mut c = foresnap();
+        c.args(["replicate", "--dest", &dest, "--volume", "v", "--to", dev]);
+        if let Some(s) = state {
+            c.arg("--state").arg(s);
+        }
+        c.output().unwrap()
+    };
+    let out = replicate(&big.0, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("give --state FILE"),
+        "{err}"
+    );
+    let out = replicate(&small.0, Some(&state));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the device has 2097152 bytes"),
+        "{err}"
+    );
+    let device = |n: usize| {
+        use std::io::Read as _;
+        let mut b = vec![0u8; n];
+        std::fs::File::open(&big.0)
+            .unwrap()
+            .read_exact(&mut b)
+            .unwrap();
+        b
+    };
+    for (id, written) in [(1, "4 of 4 chunks"), (2, "1 of 4 chunks")] {
+        if id == 2 {
+            tracked_write(&vol, 3 << 20, &[0x77; 8192]);
+            backup_to(&vol, &[&dest], "single");
+        }
+        let out = replicate(&big.0, Some(&state));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains(&format!("at snapshot {id}: {written} written")),
+            "{text}"
+        );
+        assert!(
+            device(4 << 20) == std::fs::read(&vol).unwrap(),
+            "snapshot {id}"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(&state)
+            .unwrap()
+            .contains("\nsnapshot 2\n")
+    );
+}
