@@ -1234,7 +1234,6 @@ fn lazy_restore_metrics_address_is_checked_first() {
 /// finishes it exactly. What is not a replica is never written.
 #[test]
 fn a_replica_follows_each_snapshot_and_a_killed_apply_is_finished() {
-    use std::io::BufRead as _;
     use std::os::unix::process::ExitStatusExt as _;
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path();
@@ -1279,16 +1278,7 @@ fn a_replica_follows_each_snapshot_and_a_killed_apply_is_finished() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = follower.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::stdout_lines(&mut follower);
     tracked_write(&vol, (1 << 20) + 4096, &[0xAB; 8192]);
     let up = backup_to(&vol, &[&dest], "single");
     assert!(up.contains("snapshot 2 uploaded"), "{up}");

@@ -423,7 +423,6 @@ fn scheduled_predictive(dest: Arc<dyn Destination>, label: &str, dir: &Path) -> 
 /// ends equal to the volume. A directory destination: no server needed.
 #[test]
 fn a_replica_fetches_parts_ahead_of_each_close() {
-    use std::io::BufRead as _;
     let dir = tempfile::tempdir().unwrap();
     let dest_dir = dir.path().join("dest");
     let dest: Arc<dyn Destination> = Arc::new(DirDestination::open(&dest_dir).unwrap());
@@ -445,16 +444,7 @@ fn a_replica_fetches_parts_ahead_of_each_close() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = follower.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::stdout_lines(&mut follower);
     let (vp, newest) = scheduled_predictive(dest, "dir", dir.path());
     let mut lines = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);

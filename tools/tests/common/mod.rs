@@ -501,3 +501,19 @@ pub fn tracked_write(vol: &std::path::Path, offset: u64, data: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(vol).unwrap();
     t.write_volume(&f, offset, data).unwrap();
 }
+
+/// The lines `child` prints on its (piped) stdout, as they come.
+pub fn stdout_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("a piped stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
