@@ -4,13 +4,14 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use foresnap_uploader::copies::Copies;
 use foresnap_uploader::dest::{DestError, Destination};
+use foresnap_uploader::engine::early::now_ms;
 use foresnap_uploader::format::{Keys, Manifest};
 use foresnap_uploader::replica::{
     Holds, Prefetched, ReplicaError, ReplicaState, apply, open_image,
@@ -213,8 +214,8 @@ impl<'p> Replica<'p> {
                 return Err(ReplicaError::OtherVolume {
                     image: self.path.display().to_string(),
                     volume: keys.name().to_owned(),
-                    have: hex(&s.volume_id),
-                    want: hex(&to.volume_id),
+                    have: s.volume_id,
+                    want: to.volume_id,
                 }
                 .into());
             }
@@ -244,10 +245,7 @@ impl<'p> Replica<'p> {
             from,
             &to,
             args.workers,
-            {
-                let p = Mutex::new(progress(format!("applying snapshot {newest}")));
-                move |done, total| (p.lock().unwrap_or_else(PoisonError::into_inner))(done, total)
-            },
+            progress(format!("applying snapshot {newest}")),
         )
         .with_context(|| format!("applying snapshot {newest} to {}", self.path.display()))?;
         let state = ReplicaState {
@@ -275,14 +273,4 @@ impl<'p> Replica<'p> {
         );
         Ok(())
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dest::{DestError, Destination};
 use crate::format::{Keys, Manifest};
-use crate::restore::{SnapshotError, read_chunk};
+use crate::restore::{SnapshotError, device_fits, for_each_chunk, read_chunk};
 
 /// What `IMAGE.replica` records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +62,15 @@ pub enum ReplicaError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(
-        "{image} is a replica of another volume (id {have}), not of {volume} (id {want}); replicate into a new file"
+        "{image} is a replica of another volume (id {}), not of {volume} (id {}); replicate into a new file",
+        hex(have),
+        hex(want)
     )]
     OtherVolume {
         image: String,
         volume: String,
-        have: String,
-        want: String,
+        have: [u8; 16],
+        want: [u8; 16],
     },
 }
 
@@ -203,7 +205,8 @@ pub enum Holds<'m> {
 /// Makes `image` (holding `from`) equal to snapshot `to`: writes the
 /// chunks that can differ, up to `workers` at once, sets the image's size,
 /// and syncs it. The caller then records `to` in the state.
-/// `progress(done, total)` sees every chunk written. Every object is
+/// `progress(done, total)` is called after each chunk written, `done`
+/// ascending (as [`crate::restore::restore_image`]'s). Every object is
 /// verified before use.
 #[allow(clippy::too_many_arguments)]
 pub fn apply(
@@ -214,7 +217,7 @@ pub fn apply(
     from: Holds<'_>,
     to: &Manifest,
     workers: usize,
-    progress: impl Fn(u64, u64) + Sync,
+    progress: impl FnMut(u64, u64) + Send,
 ) -> Result<Applied, SnapshotError> {
     let target = |error| SnapshotError::Target {
         path: image_path.display().to_string(),
@@ -235,81 +238,40 @@ pub fn apply(
     if is_file {
         // Grown first, so that every chunk's write lands inside; shrunk
         // (below) only after the chunks are written.
-        let len = image.metadata().map_err(target)?.len();
-        if len < to.volume_bytes {
+        if image.metadata().map_err(target)?.len() < to.volume_bytes {
             image.set_len(to.volume_bytes).map_err(target)?;
         }
     } else {
         // A block device cannot grow: refused before a byte is written.
-        use std::io::{Seek as _, SeekFrom};
-        let size = (&*image).seek(SeekFrom::End(0)).map_err(target)?;
-        if size < to.volume_bytes {
-            return Err(target(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "the device has {size} bytes, snapshot {} of the volume {}",
-                    to.snapshot, to.volume_bytes
-                ),
-            )));
-        }
+        device_fits(image, to.volume_bytes).map_err(target)?;
     }
-    let next = AtomicU64::new(0);
-    let (done, zeroed, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let failed: Mutex<Option<SnapshotError>> = Mutex::new(None);
     let total = changed.len() as u64;
-    let run = || {
-        let mut buf = Vec::new();
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&c) = usize::try_from(i).ok().and_then(|i| changed.get(i)) else {
-                break;
-            };
-            let r = read_chunk(dest, keys, to, c, &mut buf).and_then(|stored| {
-                image
-                    .write_all_at(&buf, c * u64::from(to.chunk_bytes))
-                    .map_err(target)?;
-                Ok(stored)
-            });
-            match r {
-                Ok(stored) => {
-                    if !stored {
-                        zeroed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    foresnap_driver::crashpoint::hit("replica");
-                    progress(n, total);
-                }
-                Err(e) => {
-                    next.store(u64::MAX / 2, Ordering::Relaxed);
-                    failed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .get_or_insert(e);
-                    break;
-                }
-            }
+    let (zeroed, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let done = Mutex::new((0u64, progress));
+    for_each_chunk(total, workers, Vec::new, |buf, i| {
+        let c = changed[usize::try_from(i).unwrap_or(usize::MAX)];
+        if !read_chunk(dest, keys, to, c, buf)? {
+            zeroed.fetch_add(1, Ordering::Relaxed);
         }
-    };
-    let workers = workers.clamp(1, changed.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 1..workers {
-            s.spawn(run);
-        }
-        run();
-    });
-    if let Some(e) = failed
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-    {
-        return Err(e);
-    }
+        image
+            .write_all_at(buf, c * u64::from(to.chunk_bytes))
+            .map_err(target)?;
+        bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        foresnap_driver::crashpoint::hit("replica");
+        let mut d = done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        d.0 += 1;
+        let n = d.0;
+        (d.1)(n, total);
+        Ok(())
+    })?;
     if is_file && image.metadata().map_err(target)?.len() > to.volume_bytes {
         image.set_len(to.volume_bytes).map_err(target)?;
     }
     image.sync_all().map_err(target)?;
     Ok(Applied {
-        chunks: done.into_inner(),
+        chunks: total,
         zeroed: zeroed.into_inner(),
         bytes: bytes.into_inner(),
         total: to.chunks.len() as u64,

@@ -503,7 +503,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs `work(worker, chunk)` for every chunk index below `chunks` on up
 /// to `workers` threads, each chunk once, and stops at the first error.
-fn for_each_chunk<S: Send>(
+pub(crate) fn for_each_chunk<S: Send>(
     chunks: u64,
     workers: usize,
     scratch: impl Fn() -> S + Sync,
@@ -538,6 +538,18 @@ fn for_each_chunk<S: Send>(
     }
 }
 
+/// A block device, which cannot grow, holds `volume_bytes`; else why not.
+pub(crate) fn device_fits(mut device: &File, volume_bytes: u64) -> io::Result<()> {
+    let size = device.seek(SeekFrom::End(0))?;
+    if size < volume_bytes {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("the device has {size} bytes, the snapshot {volume_bytes}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the restore target: a new file (sparse: chunks never written stay
 /// holes), or an existing block device at least as large as the volume
 /// (opened exclusively, so not while it is mounted; every chunk is
@@ -550,18 +562,12 @@ fn open_target(out: &Path, volume_bytes: u64) -> Result<(File, bool), SnapshotEr
     };
     match std::fs::metadata(out) {
         Ok(md) if md.file_type().is_block_device() => {
-            let mut f = OpenOptions::new()
+            let f = OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_EXCL)
                 .open(out)
                 .map_err(target)?;
-            let size = f.seek(SeekFrom::End(0)).map_err(target)?;
-            if size < volume_bytes {
-                return Err(target(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("the device has {size} bytes, the snapshot {volume_bytes}"),
-                )));
-            }
+            device_fits(&f, volume_bytes).map_err(target)?;
             Ok((f, true))
         }
         Ok(_) => Err(target(io::Error::new(
