@@ -712,6 +712,7 @@ fn snapshots_at(root: &std::path::Path, hours: &[u64]) -> Vec<Vec<u8>> {
         block_bytes: 4096,
         chunk_bytes: 1 << 20,
         chunks: Vec::new(),
+        stripe: None,
     };
     let mut image: Vec<u8> = (0..3 * MIB).map(|i| (i % 253).to_le_bytes()[0]).collect();
     let (mut images, mut parent) = (Vec::new(), None);

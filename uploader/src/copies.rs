@@ -36,6 +36,19 @@
 //! price: each object is uploaded once, then copied through this host to
 //! each other member when a later snapshot there needs it.
 //!
+//! # `stripe`: each snapshot's chunks spread over the members
+//!
+//! Chunk `c` lives at member `(c >> range_log2) % members`
+//! ([`crate::format::Stripe`]), every object of it, so a restore reads
+//! from all members at once and each stores only its ranges. The manifest
+//! goes to every member, each copy saying which member it is, and only
+//! once every member holds the objects of its ranges that the snapshot
+//! references: those of earlier snapshots too, copied there first when the
+//! layout changed (a member added, or the volume striped anew). The
+//! snapshot is complete where all its pieces are. A read of an object goes
+//! first to the member its chunk's range names ([`Copies::route_stripe`]
+//! teaches a restore which member that is), and fails over as any read.
+//!
 //! # Reads: health, latency, failover, spreading
 //!
 //! Each member keeps a moving average of its read latency, its reads in
@@ -56,7 +69,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::dest::{DestError, Destination};
-use crate::format::{Keys, Manifest, ObjectRef};
+use crate::format::{Keys, Manifest, ObjectRef, Stripe};
 use crate::price::{Forecast, Price, Usage, choose, forecast};
 use crate::restore::decode_named;
 
@@ -155,6 +168,42 @@ pub struct Copies {
     members: Vec<Member>,
     min_stall: Duration,
     placement: Placement,
+    /// Under a stripe: its layout and the member holding each piece, so
+    /// that an object is read first where it lives.
+    route: Mutex<Option<Route>>,
+}
+
+/// Where a stripe's pieces are among the members.
+#[derive(Debug, Clone)]
+struct Route {
+    members: u8,
+    range_log2: u8,
+    /// Per stripe index, the member.
+    at: Vec<usize>,
+}
+
+/// Why a striped snapshot cannot be read from the members given.
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    #[error(
+        "snapshot {snapshot} of volume {volume} is striped over {members} destinations, and \
+         piece {missing} of them is at none of those given: give every --dest of the stripe"
+    )]
+    PieceMissing {
+        snapshot: u32,
+        volume: String,
+        members: u8,
+        /// 1-based, as shown.
+        missing: String,
+    },
+    #[error("snapshot {snapshot}: {key}: {why}")]
+    Damaged {
+        snapshot: u32,
+        key: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Dest(#[from] DestError),
 }
 
 /// Where a put goes.
@@ -169,6 +218,10 @@ enum Placement {
     /// snapshot first comes ([`crate::price`]), for the volume of these
     /// keys.
     Price(Keys, Mutex<PriceBook>),
+    /// Each object at the member of its chunk's range, `1 << log2` chunks
+    /// long; manifests everywhere (module doc). For the volume of these
+    /// keys.
+    Stripe(Keys, u8),
 }
 
 /// The `price` policy's state: the tables, what the uploads showed, and
@@ -206,7 +259,131 @@ impl Copies {
                 .collect(),
             min_stall: DEFAULT_STALL,
             placement: Placement::Mirror,
+            route: Mutex::new(None),
         }
+    }
+
+    /// `stripe` over `members` (2 to 255) for the volume of `keys`, in
+    /// ranges of `1 << range_log2` chunks (module doc).
+    pub fn stripe(members: Vec<Arc<dyn Destination>>, keys: Keys, range_log2: u8) -> Copies {
+        assert!(
+            (2..=255).contains(&members.len()),
+            "a stripe has 2 to 255 members"
+        );
+        assert!(range_log2 <= crate::format::MAX_STRIPE_RANGE_LOG2);
+        let n = members.len();
+        let mut c = Copies::new(members);
+        c.placement = Placement::Stripe(keys, range_log2);
+        *c.route
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Route {
+            members: n as u8,
+            range_log2,
+            at: (0..n).collect(),
+        });
+        c
+    }
+
+    /// The layout this stripe writes, as member `index` says it.
+    fn layout(&self, range_log2: u8, index: usize) -> Stripe {
+        Stripe {
+            members: self.members.len() as u8,
+            index: index as u8,
+            range_log2,
+        }
+    }
+
+    /// Before reading snapshot `m` (read from any member): when it is
+    /// striped, learns which member holds each piece from the members'
+    /// own manifests, so that each object is read first where it lives.
+    /// A piece at no member is an error naming it; a snapshot that is not
+    /// striped changes nothing.
+    pub fn route_stripe(&self, keys: &Keys, m: &Manifest) -> Result<(), StripeError> {
+        let Some(s) = m.stripe else {
+            return Ok(());
+        };
+        let key = keys.manifest(m.snapshot);
+        let mut at = vec![None; usize::from(s.members)];
+        for (i, member) in self.members.iter().enumerate() {
+            let bytes = match member.dest.get(&key) {
+                Ok(b) => b,
+                Err(DestError::NotFound { .. }) => continue,
+                Err(e) => {
+                    log::warn!("{e}: its piece of the stripe is read elsewhere if anywhere");
+                    continue;
+                }
+            };
+            let theirs = Manifest::decode(&bytes).map_err(|e| StripeError::Damaged {
+                snapshot: m.snapshot,
+                key: key.clone(),
+                why: format!("at {}: {e}", member.dest.url()),
+            })?;
+            match theirs.stripe {
+                Some(t) if t.members == s.members && t.range_log2 == s.range_log2 => {
+                    at[usize::from(t.index)].get_or_insert(i);
+                }
+                _ => {
+                    return Err(StripeError::Damaged {
+                        snapshot: m.snapshot,
+                        key,
+                        why: format!(
+                            "{} holds a manifest of another layout than the stripe's",
+                            member.dest.url()
+                        ),
+                    });
+                }
+            }
+        }
+        let missing: Vec<String> = at
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.is_none())
+            .map(|(i, _)| (i + 1).to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(StripeError::PieceMissing {
+                snapshot: m.snapshot,
+                volume: keys.name().to_owned(),
+                members: s.members,
+                missing: missing.join(", "),
+            });
+        }
+        *self
+            .route
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Route {
+            members: s.members,
+            range_log2: s.range_log2,
+            at: at.into_iter().flatten().collect(),
+        });
+        Ok(())
+    }
+
+    /// The member a read of `key` should try first under a stripe.
+    fn routed(&self, key: &str) -> Option<usize> {
+        let keys = match &self.placement {
+            Placement::Stripe(keys, _) => Some(keys),
+            _ => None,
+        };
+        let route = self
+            .route
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let r = route.as_ref()?;
+        // Object keys are `NAME/objects/CHUNK/...` whatever the keys.
+        let chunk = match keys {
+            Some(k) => k.chunk_of(key)?,
+            None => {
+                let (name, _) = key.split_once("/objects/")?;
+                Keys::new(name).ok()?.chunk_of(key)?
+            }
+        };
+        let s = Stripe {
+            members: r.members,
+            index: 0,
+            range_log2: r.range_log2,
+        };
+        r.at.get(usize::from(s.member_of(chunk))).copied()
     }
 
     /// `alternate` over `members` for the volume of `keys` (module doc):
@@ -292,8 +469,19 @@ impl Copies {
             .collect()
     }
 
-    /// The members to try for a read, best first (module doc).
-    fn order(&self) -> Vec<usize> {
+    /// The members to try for a read of `key`, best first (module doc):
+    /// under a stripe, the member holding the key's range before all.
+    fn order(&self, key: &str) -> Vec<usize> {
+        let mut order = self.order_by_health();
+        if let Some(first) = self.routed(key)
+            && let Some(at) = order.iter().position(|&i| i == first)
+        {
+            order[..=at].rotate_right(1);
+        }
+        order
+    }
+
+    fn order_by_health(&self) -> Vec<usize> {
         let now = Instant::now();
         let mut scored: Vec<(bool, f64, usize)> = self
             .members
@@ -354,7 +542,7 @@ impl Copies {
         if self.members.len() == 1 {
             return self.members[0].dest.get(key);
         }
-        let order = self.order();
+        let order = self.order(key);
         let (tx, rx) = mpsc::channel::<Answer>();
         let mut next = 0;
         let mut running = 0;
@@ -713,6 +901,120 @@ impl Copies {
         Ok(())
     }
 
+    /// `stripe`: an object at its range's member; a manifest at every
+    /// member, each saying which it is, once each holds the objects of its
+    /// ranges (module doc); any other key everywhere.
+    fn put_striped(
+        &self,
+        keys: &Keys,
+        range_log2: u8,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), DestError> {
+        if let Some(c) = keys.chunk_of(key) {
+            let i = self.layout(range_log2, 0).member_of(c);
+            return self.put_at(usize::from(i), key, bytes);
+        }
+        if !keys.is_manifest(key) {
+            return self.put_everywhere(key, bytes);
+        }
+        let not_manifest = |e: crate::format::FormatError| DestError::Remote {
+            dest: self.url(),
+            op: "put",
+            key: key.to_owned(),
+            why: format!("not a manifest: {e}"),
+        };
+        let m = Manifest::decode(bytes).map_err(not_manifest)?;
+        for i in 0..self.members.len() {
+            let copied = self
+                .fill_piece(i, keys, &m, self.layout(range_log2, i))
+                .map_err(|e| self.copy_error(e))?;
+            if copied > 0 {
+                log::info!(
+                    "{}: copied {copied} objects of earlier snapshots of its ranges for snapshot {}",
+                    self.members[i].dest.url(),
+                    m.snapshot
+                );
+            }
+        }
+        for i in 0..self.members.len() {
+            let mine = Manifest {
+                stripe: Some(self.layout(range_log2, i)),
+                ..m.clone()
+            };
+            self.put_at(i, key, &mine.encode())?;
+        }
+        Ok(())
+    }
+
+    /// `stripe`: before snapshot `manifest`'s manifest is written at
+    /// member `i`, the objects of `i`'s ranges it references that `i` may
+    /// lack: of earlier snapshots, unless `i`'s newest earlier manifest
+    /// shows the same layout (then `i` holds all it references there).
+    fn fill_piece(
+        &self,
+        i: usize,
+        keys: &Keys,
+        manifest: &Manifest,
+        layout: Stripe,
+    ) -> Result<u64, CatchUpError> {
+        let snapshot = manifest.snapshot;
+        let mine = |c: u64| layout.member_of(c) == layout.index;
+        let older = manifest
+            .chunks
+            .iter()
+            .enumerate()
+            .any(|(c, refs)| mine(c as u64) && refs.iter().any(|r| r.snapshot != snapshot));
+        if !older {
+            return Ok(0);
+        }
+        let member = &self.members[i].dest;
+        let ids = keys.snapshot_ids(&member.list(&keys.manifests())?);
+        let mut have = std::collections::BTreeSet::new();
+        let prev = match ids.iter().rfind(|&&id| id < snapshot) {
+            Some(&prev) => {
+                let key = keys.manifest(prev);
+                Some(Manifest::decode(&member.get(&key)?).map_err(|error| {
+                    CatchUpError::Damaged {
+                        key,
+                        why: error.to_string(),
+                    }
+                })?)
+            }
+            None => None,
+        };
+        match prev {
+            Some(p) if p.stripe == Some(layout) => {
+                for (c, refs) in p.piece().chunks.iter().enumerate() {
+                    have.extend(refs.iter().map(|&r| keys.object(c as u64, r)));
+                }
+            }
+            // Another layout, or none: what the member holds is listed.
+            _ => have.extend(member.list(&keys.objects())?),
+        }
+        self.copy_objects(
+            i,
+            keys,
+            manifest,
+            |c, r, key| mine(c) && r.snapshot != snapshot && !have.contains(key),
+            |_, _| {},
+        )
+    }
+
+    /// A failed copy of objects before a manifest, as the manifest's put
+    /// error.
+    fn copy_error(&self, e: CatchUpError) -> DestError {
+        match e {
+            CatchUpError::Dest(d) => d,
+            CatchUpError::Damaged { key, why } => DestError::Remote {
+                dest: self.url(),
+                op: "copy",
+                key,
+                why,
+            },
+        }
+    }
+
     /// Stores `key` of snapshot `id` at member `i`; a manifest only once
     /// `i` holds every object it references (copied from the others).
     fn put_placed(
@@ -730,15 +1032,7 @@ impl Copies {
                 key: key.to_owned(),
                 why: format!("not a manifest: {e}"),
             })?;
-            let copied = self.fill(i, keys, &m).map_err(|e| match e {
-                CatchUpError::Dest(d) => d,
-                CatchUpError::Damaged { key: k, why } => DestError::Remote {
-                    dest: self.url(),
-                    op: "copy",
-                    key: k,
-                    why,
-                },
-            })?;
+            let copied = self.fill(i, keys, &m).map_err(|e| self.copy_error(e))?;
             if copied > 0 {
                 log::info!(
                     "{}: copied {copied} objects of earlier snapshots for snapshot {id}",
@@ -766,6 +1060,7 @@ impl Destination for Copies {
             Placement::Mirror => self.put_everywhere(key, bytes),
             Placement::Alternate(keys) => self.put_alternating(keys, key, bytes),
             Placement::Price(keys, book) => self.put_priced(keys, book, key, bytes),
+            Placement::Stripe(keys, log2) => self.put_striped(keys, *log2, key, bytes),
         }
     }
 
@@ -819,6 +1114,7 @@ impl Destination for Copies {
             Placement::Mirror => format!("mirror({})", urls.join(", ")),
             Placement::Alternate(_) => format!("alternate({})", urls.join(", ")),
             Placement::Price(..) => format!("price({})", urls.join(", ")),
+            Placement::Stripe(..) => format!("stripe({})", urls.join(", ")),
         }
     }
 
@@ -828,7 +1124,9 @@ impl Destination for Copies {
         let each = self.members.iter().map(|m| m.dest.object_copies());
         match self.placement {
             Placement::Mirror => each.sum(),
-            Placement::Alternate(_) | Placement::Price(..) => each.max().unwrap_or(0),
+            Placement::Alternate(_) | Placement::Price(..) | Placement::Stripe(..) => {
+                each.max().unwrap_or(0)
+            }
         }
     }
 }
@@ -925,6 +1223,7 @@ mod tests {
             block_bytes: 4096,
             chunk_bytes: MIB as u32,
             chunks: Vec::new(),
+            stripe: None,
         }
     }
 
@@ -1253,6 +1552,121 @@ mod tests {
             keys.snapshot_ids(&b.list(&keys.manifests()).unwrap()),
             vec![2]
         );
+    }
+
+    /// Whether every object `m`'s piece references is at `d`.
+    fn holds_piece(d: &dyn Destination, keys: &Keys, m: &Manifest) -> bool {
+        let have = d.list(&keys.objects()).unwrap();
+        m.piece().chunks.iter().enumerate().all(|(c, refs)| {
+            refs.iter()
+                .all(|&r| have.contains(&keys.object(c as u64, r)))
+        })
+    }
+
+    /// `stripe` in ranges of one chunk over two members: chunk 0's objects
+    /// at a, chunk 1's at b, a manifest at each saying which it is; a
+    /// restore needs both and reads each object where it lives; a new
+    /// layout (the members swapped) first copies each member the older
+    /// objects of its new ranges.
+    #[test]
+    fn stripe_spreads_chunks_by_range_and_a_restore_reads_each_where_it_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let fa = Faulty::new(&dir.path().join("a"), Duration::ZERO);
+        let fb = Faulty::new(&dir.path().join("b"), Duration::ZERO);
+        let (a, b): (Arc<dyn Destination>, Arc<dyn Destination>) = (fa.clone(), fb.clone());
+        let keys = Keys::new("vol").unwrap();
+        let c = Copies::stripe(vec![a.clone(), b.clone()], keys.clone(), 0);
+        assert!(c.url().starts_with("stripe("));
+        assert_eq!(
+            c.object_copies(),
+            a.object_copies(),
+            "each object at one member"
+        );
+        let Written {
+            images,
+            mut image,
+            base,
+            last,
+        } = write_three(&c, &keys);
+        let objects = |d: &Arc<dyn Destination>| -> Vec<u64> {
+            let mut v: Vec<u64> = d
+                .list(&keys.objects())
+                .unwrap()
+                .iter()
+                .filter_map(|k| keys.chunk_of(k))
+                .collect();
+            v.dedup();
+            v
+        };
+        assert_eq!(objects(&a), [0]);
+        assert_eq!(objects(&b), [1]);
+        for (i, d) in [&a, &b].into_iter().enumerate() {
+            assert_eq!(
+                keys.snapshot_ids(&d.list(&keys.manifests()).unwrap()),
+                [1, 2, 3]
+            );
+            let m = read_manifest(d.as_ref(), &keys, 3).unwrap();
+            assert_eq!(m.stripe.map(|s| (s.members, s.index)), Some((2, i as u8)));
+            assert_eq!(Manifest { stripe: None, ..m }, last);
+        }
+
+        // One member alone is not the snapshot: a clear error, and its
+        // piece is the restore's missing half.
+        let alone = Copies::new(vec![a.clone()]);
+        let at_a = read_manifest(a.as_ref(), &keys, 3).unwrap();
+        let err = alone.route_stripe(&keys, &at_a).unwrap_err().to_string();
+        assert!(
+            err.contains("striped over 2 destinations") && err.contains("piece 2"),
+            "{err}"
+        );
+        // Both, in the other order: every object read where it lives,
+        // none asked of the member without it.
+        let both = Copies::new(vec![b.clone(), a.clone()]);
+        let m = read_manifest(&both, &keys, 3).unwrap();
+        both.route_stripe(&keys, &m).unwrap();
+        let gets = fa.gets() + fb.gets();
+        let out = dir.path().join("r3");
+        restore_image(&both, &keys, &m, &out, 2, |_, _| {}).unwrap();
+        assert!(std::fs::read(&out).unwrap() == images[2]);
+        assert_eq!(fa.gets() + fb.gets() - gets, 4, "one read per object");
+
+        // The members swapped: snapshot 4 finds each one's new ranges
+        // copied to it before its manifest, and restores from both.
+        let swapped = Copies::stripe(vec![b.clone(), a.clone()], keys.clone(), 0);
+        let w = SnapshotWriter::new(&swapped, &keys, &base, Some(&last), 4, 4, Codec::Zstd(1));
+        let at = MIB + 4 * 4096;
+        image[at..at + 4096].fill(4);
+        w.put_delta(1, &[(4, &image[at..at + 4096])]).unwrap();
+        let m4 = w.commit().unwrap();
+        assert_eq!(objects(&a), [0, 1]);
+        assert_eq!(objects(&b), [0, 1]);
+        for d in [&a, &b] {
+            let theirs = read_manifest(d.as_ref(), &keys, 4).unwrap();
+            assert!(holds_piece(d.as_ref(), &keys, &theirs), "{}", d.url());
+        }
+        let both = Copies::new(vec![a.clone(), b.clone()]);
+        both.route_stripe(&keys, &m4).unwrap();
+        let out = dir.path().join("r4");
+        restore_image(&both, &keys, &m4, &out, 2, |_, _| {}).unwrap();
+        assert!(std::fs::read(&out).unwrap() == image);
+
+        // Back to the first layout, with snapshot 4's delta lost: b
+        // cannot be given it, so snapshot 5's manifest is written nowhere
+        // (DESIGN.md, invariant 4).
+        for d in [&a, &b] {
+            d.delete(&keys.object(1, ObjectRef::own(4, ObjectKind::Delta)))
+                .unwrap();
+        }
+        let w = SnapshotWriter::new(&c, &keys, &base, Some(&m4), 5, 5, Codec::Zstd(1));
+        w.put_delta(0, &[(5, &image[5 * 4096..6 * 4096])]).unwrap();
+        let err = w.commit().unwrap_err().to_string();
+        assert!(err.contains("0000000004.delta"), "{err}");
+        for d in [&a, &b] {
+            assert_eq!(
+                keys.snapshot_ids(&d.list(&keys.manifests()).unwrap()),
+                [1, 2, 3, 4]
+            );
+        }
     }
 
     /// Restore through a mirror whose preferred copy lost an object and

@@ -329,6 +329,7 @@ impl Uploader {
             block_bytes: 1 << self.tracker.map().geometry().block_shift,
             chunk_bytes: self.chunk_bytes,
             chunks: Vec::new(),
+            stripe: None,
         }
     }
 

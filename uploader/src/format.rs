@@ -40,7 +40,7 @@
 //! |---|---|---|
 //! | 0 | 8 | magic `b"FSNPMANI"` |
 //! | 8 | 4 | format version, 1 |
-//! | 12 | 4 | zero |
+//! | 12 | 4 | stripe: zero, or members, index, log2 of range chunks, zero (below) |
 //! | 16 | 16 | volume id |
 //! | 32 | 4 | snapshot id |
 //! | 36 | 4 | parent snapshot id (0: none, a full snapshot) |
@@ -70,6 +70,18 @@
 //! delta. A manifest without parts is written as version 1, so that a
 //! snapshot taken without predictive upload stays readable by older
 //! builds; both versions are read.
+//!
+//! # Striped snapshots
+//!
+//! Under the `stripe` policy one snapshot's chunks are spread over
+//! `members` destinations by block range: chunk `c` lives at member
+//! `(c >> range_log2) % members`, every object of it (also those of earlier
+//! snapshots it references). Each member holds the snapshot's manifest,
+//! whose bytes 12..16 say the layout and which member it is: `members`
+//! (2 to 255), `index` (below `members`), `range_log2` (at most 40), zero.
+//! So a member's manifest names the chunks it holds ([`Manifest::piece`]),
+//! and the snapshot is complete where every index is present. A manifest
+//! that is not striped has zero there, as version 1 always wrote.
 
 /// Magic of a data object.
 pub const OBJECT_MAGIC: [u8; 8] = *b"FSNPOBJ\0";
@@ -466,6 +478,51 @@ pub struct Manifest {
     pub chunk_bytes: u32,
     /// Per chunk, its objects, oldest first.
     pub chunks: Vec<Vec<ObjectRef>>,
+    /// Under `stripe`: the layout, and which member holds this manifest
+    /// (module doc).
+    pub stripe: Option<Stripe>,
+}
+
+/// Where a striped snapshot's chunks live (module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stripe {
+    /// Destinations the chunks are spread over, 2 to 255.
+    pub members: u8,
+    /// The member whose manifest this is.
+    pub index: u8,
+    /// Chunks per range: `1 << range_log2`.
+    pub range_log2: u8,
+}
+
+/// Largest `range_log2` a manifest may say.
+pub const MAX_STRIPE_RANGE_LOG2: u8 = 40;
+
+impl Stripe {
+    /// The member that holds chunk `c`.
+    pub fn member_of(&self, c: u64) -> u8 {
+        // `members` >= 1, so the remainder fits a u8.
+        ((c >> self.range_log2) % u64::from(self.members.max(1))) as u8
+    }
+
+    fn encode(s: Option<Stripe>) -> [u8; 4] {
+        s.map_or([0; 4], |s| [s.members, s.index, s.range_log2, 0])
+    }
+
+    fn decode(b: [u8; 4]) -> Result<Option<Stripe>, &'static str> {
+        match b {
+            [0, 0, 0, 0] => Ok(None),
+            [members, index, range_log2, 0]
+                if members >= 2 && index < members && range_log2 <= MAX_STRIPE_RANGE_LOG2 =>
+            {
+                Ok(Some(Stripe {
+                    members,
+                    index,
+                    range_log2,
+                }))
+            }
+            _ => Err("stripe layout out of range"),
+        }
+    }
 }
 
 impl Manifest {
@@ -478,6 +535,20 @@ impl Manifest {
     pub fn chunk_len(&self, c: u64) -> u64 {
         let cb = u64::from(self.chunk_bytes);
         self.volume_bytes.saturating_sub(c * cb).min(cb)
+    }
+
+    /// The chunks this manifest's member holds: all of them, but under
+    /// `stripe` only those of its ranges (the others emptied).
+    pub fn piece(&self) -> Manifest {
+        let mut m = self.clone();
+        if let Some(s) = self.stripe {
+            for (c, refs) in m.chunks.iter_mut().enumerate() {
+                if s.member_of(c as u64) != s.index {
+                    refs.clear();
+                }
+            }
+        }
+        m
     }
 
     /// Whether any reference is a part (the manifest needs version 2).
@@ -497,7 +568,7 @@ impl Manifest {
             Vec::with_capacity(MANIFEST_FIXED_BYTES + 2 * self.chunks.len() + ref_bytes * refs + 4);
         out.extend_from_slice(&MANIFEST_MAGIC);
         out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&Stripe::encode(self.stripe));
         out.extend_from_slice(&self.volume_id);
         out.extend_from_slice(&self.snapshot.to_le_bytes());
         out.extend_from_slice(&self.parent.to_le_bytes());
@@ -551,6 +622,7 @@ impl Manifest {
         if crc32c::crc32c(&bytes[..body]) != le_u32(bytes, body) {
             return Err(FormatError::Checksum(WHAT));
         }
+        let stripe = Stripe::decode([bytes[12], bytes[13], bytes[14], bytes[15]]).map_err(bad)?;
         let mut volume_id = [0u8; 16];
         volume_id.copy_from_slice(&bytes[16..32]);
         let m_volume_bytes = le_u64(bytes, 48);
@@ -622,6 +694,7 @@ impl Manifest {
             block_bytes,
             chunk_bytes,
             chunks,
+            stripe,
         })
     }
 }
@@ -744,6 +817,14 @@ impl Keys {
         (name.as_bytes().get(10) == Some(&b'.'))
             .then(|| id.parse().ok())
             .flatten()
+    }
+
+    /// The chunk an object key of this volume belongs to; `None` for
+    /// other keys.
+    pub fn chunk_of(&self, key: &str) -> Option<u64> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("/objects/")?;
+        let (chunk, _) = rest.split_once('/')?;
+        chunk.parse().ok().filter(|_| chunk.len() == 12)
     }
 
     /// Whether `key` is a manifest of this volume.
@@ -879,6 +960,7 @@ mod tests {
                 vec![r(3, ObjectKind::Chunk)],
                 vec![r(2, ObjectKind::Delta)],
             ],
+            stripe: None,
         }
     }
 
@@ -910,6 +992,66 @@ mod tests {
             "other",
         ] {
             assert_eq!(k.snapshot_of(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn object_keys_name_their_chunk() {
+        let k = Keys::new("vol").unwrap();
+        let own = k.object(7, ObjectRef::own(12, ObjectKind::Delta));
+        assert_eq!(k.chunk_of(&own), Some(7));
+        assert_eq!(
+            k.chunk_of(&k.object(123_456, ObjectRef::part(3, 2))),
+            Some(123_456)
+        );
+        for other in [
+            k.manifest(7),
+            "vol2/objects/000000000007/0000000012.delta".into(),
+            "vol/objects/7/0000000012.delta".into(),
+            "vol/objects/000000000007".into(),
+        ] {
+            assert_eq!(k.chunk_of(&other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_striped_manifest_says_its_layout_and_holds_its_ranges() {
+        let mut m = manifest();
+        m.stripe = Some(Stripe {
+            members: 3,
+            index: 1,
+            range_log2: 1,
+        });
+        let bytes = m.encode();
+        assert_eq!(&bytes[12..16], &[3, 1, 1, 0]);
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        // Ranges of 2 chunks over 3 members: chunks 0-1 at 0, 2-3 at 1.
+        let s = m.stripe.unwrap();
+        let at: Vec<u8> = (0..8).map(|c| s.member_of(c)).collect();
+        assert_eq!(at, [0, 0, 1, 1, 2, 2, 0, 0]);
+        let piece = m.piece();
+        assert!(piece.chunks[0].is_empty() && piece.chunks[1].is_empty());
+        assert_eq!(piece.chunks[2], m.chunks[2]);
+        assert_eq!(piece.chunks[3], m.chunks[3]);
+        // Not striped: the piece is the whole.
+        assert_eq!(manifest().piece(), manifest());
+        // Layouts that cannot be: refused even with a good checksum.
+        for bad in [
+            [1, 0, 0, 0],
+            [2, 2, 0, 0],
+            [0, 1, 0, 0],
+            [2, 0, 41, 0],
+            [2, 0, 0, 1],
+        ] {
+            let mut b = bytes.clone();
+            b[12..16].copy_from_slice(&bad);
+            let body = b.len() - 4;
+            let crc = crc32c::crc32c(&b[..body]);
+            b[body..].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                matches!(Manifest::decode(&b), Err(FormatError::Inconsistent { .. })),
+                "{bad:?} accepted"
+            );
         }
     }
 

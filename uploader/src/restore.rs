@@ -95,6 +95,7 @@ impl<'d> SnapshotWriter<'d> {
             parent: parent.map_or(0, |p| p.snapshot),
             closed_ms,
             chunks: vec![Vec::new(); usize::try_from(chunks).unwrap_or(0)],
+            stripe: None,
             ..base.clone()
         };
         if let Some(p) = parent {
@@ -325,6 +326,7 @@ impl<'d> SnapshotWriter<'d> {
             block_bytes: m.block_bytes,
             chunk_bytes: m.chunk_bytes,
             chunks: Vec::new(),
+            stripe: m.stripe,
         }
     }
 
@@ -767,6 +769,7 @@ pub(crate) mod tests {
             block_bytes: 4096,
             chunk_bytes: MIB as u32,
             chunks: Vec::new(),
+            stripe: None,
         }
     }
 

@@ -820,6 +820,7 @@ mod tests {
             block_bytes: BS as u32,
             chunk_bytes: MIB as u32,
             chunks: Vec::new(),
+            stripe: None,
         };
         let mut image: Vec<u8> = (0..3 * MIB)
             .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)

@@ -626,6 +626,7 @@ mod tests {
             block_bytes: 4096,
             chunk_bytes: 1 << 20,
             chunks: vec![Vec::new()],
+            stripe: None,
         };
         Sealed::new(raw.clone(), k.clone())
             .put(&keys.manifest(1), &m.encode())

@@ -556,6 +556,7 @@ mod tests {
             block_bytes: BS as u32,
             chunk_bytes: MIB as u32,
             chunks: Vec::new(),
+            stripe: None,
         }
     }
 
