@@ -553,6 +553,7 @@ pub enum DestPolicy {
     Mirror,
     Alternate,
     Price,
+    Stripe,
 }
 
 /// Where and how snapshots are uploaded (`serve`, `backup`).
@@ -571,9 +572,17 @@ pub struct UploadArgs {
     /// the objects it shares with earlier snapshots are copied there
     /// before its manifest) or `price` (each snapshot complete at the --dest
     /// whose --price gives the lowest forecast monthly cost, from the
-    /// uploads so far; a change of destination needs a 10% saving).
+    /// uploads so far; a change of destination needs a 10% saving) or
+    /// `stripe` (each snapshot's chunks spread over the --dest by ranges
+    /// of --stripe-range, in turn; complete with every --dest).
     #[arg(long, value_name = "POLICY", value_enum, default_value = "single")]
     pub dest_policy: DestPolicy,
+    /// With --dest-policy stripe: the block range each --dest holds in
+    /// turn, a power of two from the chunk size up (ranges of the
+    /// volume's offsets: 0..SIZE at the first --dest, SIZE..2*SIZE at the
+    /// second, and so on, round-robin).
+    #[arg(long, value_name = "SIZE", value_parser = parse_stripe_range)]
+    pub stripe_range: Option<u64>,
     /// With --dest-policy price: a --dest's prices, one --price per --dest
     /// in the same order: storage (per GiB-month), put and get (per 1000
     /// requests), egress (per GiB), as storage=0.023,put=0.005,get=0.0004,egress=0.09;
@@ -886,6 +895,14 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
     u32::try_from(v)
         .ok()
         .filter(|v| v.is_power_of_two() && (1 << 20..=64 << 20).contains(v))
+        .ok_or_else(bad)
+}
+
+fn parse_stripe_range(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid stripe range '{s}': give a power of two from 1M to 1T");
+    let v = parse_size(s).map_err(|_| bad())?;
+    Some(v)
+        .filter(|v| v.is_power_of_two() && (1 << 20..=1 << 40).contains(v))
         .ok_or_else(bad)
 }
 

@@ -13,7 +13,9 @@ use foresnap_driver::tracking::Tracker;
 use foresnap_uploader::copies::Copies;
 use foresnap_uploader::dest::{DestError, Destination, DirDestination};
 use foresnap_uploader::engine::early::run_scheduler;
-use foresnap_uploader::engine::{Deadlines, Early, UploadHealth, UploadReport, Uploader};
+use foresnap_uploader::engine::{
+    Deadlines, Early, UploadHealth, UploadReport, Uploader, latest_manifest,
+};
 use foresnap_uploader::format::{Codec, Keys, Manifest};
 use foresnap_uploader::link::Link;
 use foresnap_uploader::plan::{PlanConfig, Planner};
@@ -111,6 +113,43 @@ fn mirror(
         }
     }
     Ok(Arc::new(copies))
+}
+
+/// A stripe's range when none is given: 16 MiB, four default chunks.
+const DEFAULT_STRIPE_RANGE: u64 = 16 << 20;
+
+/// The `stripe` policy's destination: ranges of `--stripe-range` bytes in
+/// chunks of the size the volume has at its destinations (or the size
+/// asked for, for a new volume).
+fn stripe(
+    args: &UploadArgs,
+    keys: &Keys,
+    key: Option<&Arc<VolumeKey>>,
+) -> anyhow::Result<Arc<dyn Destination>> {
+    if !(2..=255).contains(&args.dest.len()) {
+        bail!(
+            "--dest-policy stripe needs 2 to 255 --dest ({} given)",
+            args.dest.len()
+        );
+    }
+    let members = open_all(&args.dest, keys, key)?;
+    let chunk = match latest_manifest(&Copies::new(members.clone()), keys, u32::MAX)? {
+        Some(m) => m.chunk_bytes,
+        None => args.chunk_size,
+    };
+    let range = args.stripe_range.unwrap_or(DEFAULT_STRIPE_RANGE);
+    if range < u64::from(chunk) {
+        bail!(
+            "--stripe-range {range} is below the volume's chunk size ({chunk} bytes): \
+             give a range of one chunk or more"
+        );
+    }
+    let log2 = (range / u64::from(chunk)).trailing_zeros();
+    let log2 = u8::try_from(log2)
+        .ok()
+        .filter(|&l| l <= foresnap_uploader::format::MAX_STRIPE_RANGE_LOG2)
+        .with_context(|| format!("--stripe-range {range}: too many chunks per range"))?;
+    Ok(Arc::new(Copies::stripe(members, keys.clone(), log2)))
 }
 
 /// The volume name: given, or the backing file's name.
@@ -220,7 +259,11 @@ pub fn prepare(
             priced = Some(c.clone());
             c
         }
+        DestPolicy::Stripe => stripe(args, &keys, key)?,
     };
+    if args.dest_policy != DestPolicy::Stripe && args.stripe_range.is_some() {
+        bail!("--stripe-range is for --dest-policy stripe");
+    }
     if args.dest_policy != DestPolicy::Price && !args.price.is_empty() {
         bail!("--price is for --dest-policy price");
     }
@@ -524,7 +567,22 @@ pub fn snapshots(args: &DestArgs) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if args.dest.len() > 1 {
+        if let Some(pieces) = r["stripe"]["pieces"].as_array() {
+            let missing: Vec<String> = (1..=pieces.len())
+                .filter(|&i| pieces[i - 1].is_null())
+                .map(|i| i.to_string())
+                .collect();
+            if missing.is_empty() {
+                write!(out, "  complete striped over: {}", urls("complete_at"))?;
+            } else {
+                write!(
+                    out,
+                    "  NOT COMPLETE: striped over {} destinations, piece {} at none of those given",
+                    pieces.len(),
+                    missing.join(", ")
+                )?;
+            }
+        } else if args.dest.len() > 1 {
             write!(out, "  complete at: {}", urls("complete_at"))?;
             let missing = urls("missing_at");
             if !missing.is_empty() {
@@ -589,6 +647,27 @@ pub fn stored_snapshots(args: &DestArgs) -> anyhow::Result<Vec<serde_json::Value
                 .map(|i| urls[i].clone())
                 .collect::<Vec<_>>()
         };
+        // Striped: complete where every piece is, and then at all of
+        // those members together.
+        let (holders, stripe) = match m.stripe {
+            None => (holders, serde_json::Value::Null),
+            Some(s) => {
+                let mut pieces = vec![None; usize::from(s.members)];
+                for &i in &holders {
+                    let theirs = read_manifest(members[i].as_ref(), &keys, id)?;
+                    if let Some(t) = theirs.stripe.filter(|t| t.members == s.members) {
+                        pieces[usize::from(t.index)].get_or_insert(i);
+                    }
+                }
+                let whole = pieces.iter().all(Option::is_some);
+                let json = serde_json::json!({
+                    "members": s.members,
+                    "range_bytes": u64::from(m.chunk_bytes) << s.range_log2,
+                    "pieces": pieces.iter().map(|p| p.map(|i| urls[i].clone())).collect::<Vec<_>>(),
+                });
+                (if whole { holders } else { Vec::new() }, json)
+            }
+        };
         rows.push(serde_json::json!({
             "snapshot": id,
             "parent": m.parent,
@@ -598,6 +677,7 @@ pub fn stored_snapshots(args: &DestArgs) -> anyhow::Result<Vec<serde_json::Value
             "objects": m.chunks.iter().map(Vec::len).sum::<usize>(),
             "complete_at": list(&|i| holders.contains(&i)),
             "missing_at": list(&|i| !holders.contains(&i) && !unreachable.contains(&i)),
+            "stripe": stripe,
         }));
     }
     Ok(rows)
@@ -637,6 +717,13 @@ pub fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
         None => members[0].clone(),
     };
     let m = pick(dest.as_ref(), &keys, args.snapshot)?;
+    // A striped snapshot needs every piece: an error now, naming the
+    // missing ones, rather than at the first chunk of one.
+    match &copies {
+        Some(c) => c.route_stripe(&keys, &m)?,
+        None if m.stripe.is_some() => Copies::new(members.clone()).route_stripe(&keys, &m)?,
+        None => {}
+    }
     if args.lazy {
         return restore_lazy(args, dest, keys, m);
     }
@@ -852,6 +939,8 @@ fn verify_at(dest: &dyn Destination, keys: &Keys, args: &VerifyArgs) -> anyhow::
             manifests
         }
     };
+    // A member of a stripe holds the objects of its ranges only.
+    let manifests: Vec<Manifest> = manifests.iter().map(Manifest::piece).collect();
     let started = Instant::now();
     let report = verify_snapshots(
         dest,

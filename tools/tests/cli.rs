@@ -460,6 +460,183 @@ fn alternating_backups_are_each_complete_at_their_destination() {
     assert!(e.contains("two or more"), "{e}");
 }
 
+/// The chunks whose objects are under `dest` (a directory URL) for
+/// volume `v`.
+fn chunks_at(dest: &str) -> Vec<u64> {
+    let dir = std::path::PathBuf::from(dest.strip_prefix("file://").unwrap()).join("v/objects");
+    let mut chunks: Vec<u64> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    chunks.sort_unstable();
+    chunks
+}
+
+/// `backup --dest-policy stripe --stripe-range 1M` over two directories:
+/// chunks 0 and 2 at A, 1 at B, for both snapshots (the second shares the
+/// first's objects; new layouts and deltas are `copies`' unit tests); the set lists each
+/// snapshot complete, one member alone says what is missing; a restore
+/// needs both (in any order) and is bit-exact; verify checks each
+/// member's piece; a prune keeps the newest restorable. Bad input is one
+/// line.
+#[test]
+fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol.img");
+    let first = write_image(&vol, 3, 2_246_822_519);
+    let a = format!("file://{}", dir.path().join("a").display());
+    let b = format!("file://{}", dir.path().join("b").display());
+    let striped = |extra: &[&str]| {
+        let mut c = foresnap();
+        c.args(["backup", "--volume", "v", "--chunk-size", "1M"])
+            .args(["--dest-policy", "stripe", "--dest", &a, "--dest", &b])
+            .args(extra)
+            .arg("--backing")
+            .arg(&vol);
+        c
+    };
+    let text = common::run(&mut striped(&["--stripe-range", "1M"]));
+    assert!(text.contains("snapshot 1 uploaded to stripe("), "{text}");
+    // No write in between (there is no device here): snapshot 2 names
+    // snapshot 1's objects, at the same members.
+    let image = first.clone();
+    common::run(&mut striped(&["--stripe-range", "1M"]));
+    assert_eq!(chunks_at(&a), [0, 2]);
+    assert_eq!(chunks_at(&b), [1]);
+
+    let listed =
+        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
+    assert_eq!(
+        listed
+            .matches(&format!("complete striped over: {a}, {b}"))
+            .count(),
+        2,
+        "{listed}"
+    );
+    let alone = common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a]));
+    assert_eq!(
+        alone
+            .matches("NOT COMPLETE: striped over 2 destinations, piece 2 at none")
+            .count(),
+        2,
+        "{alone}"
+    );
+    let e = one_line_error(&[
+        "restore",
+        "--volume",
+        "v",
+        "--dest",
+        &a,
+        "--to",
+        "/tmp/never",
+    ]);
+    assert!(
+        e.contains("striped over 2 destinations") && e.contains("piece 2"),
+        "{e}"
+    );
+    for (id, want) in [("1", &first), ("2", &image)] {
+        let to = dir.path().join(format!("r{id}"));
+        let mut c = foresnap();
+        c.args(["restore", "--volume", "v", "--snapshot", id])
+            .args(["--dest", &b, "--dest", &a])
+            .arg("--to")
+            .arg(&to);
+        let text = common::run(&mut c);
+        assert!(std::fs::read(&to).unwrap() == *want, "snapshot {id}");
+        // Every object read where it lives: no read errors.
+        assert_eq!(text.matches(", 0 errors").count(), 2, "{text}");
+    }
+    let text =
+        common::run(foresnap().args(["verify", "--volume", "v", "--dest", &a, "--dest", &b]));
+    assert_eq!(text.matches(", 0 bad").count(), 2, "{text}");
+
+    common::run(foresnap().args([
+        "prune",
+        "--volume",
+        "v",
+        "--dest",
+        &a,
+        "--dest",
+        &b,
+        "--keep-last",
+        "1",
+    ]));
+    let listed =
+        common::run(foresnap().args(["snapshots", "--volume", "v", "--dest", &a, "--dest", &b]));
+    assert!(
+        listed.starts_with("snapshot 2 ") && listed.lines().count() == 1,
+        "{listed}"
+    );
+    let to = dir.path().join("after-prune");
+    let mut c = foresnap();
+    c.args(["restore", "--volume", "v", "--dest", &a, "--dest", &b])
+        .arg("--to")
+        .arg(&to);
+    common::run(&mut c);
+    assert!(std::fs::read(&to).unwrap() == image);
+
+    let v = vol.to_str().unwrap();
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--dest-policy",
+        "stripe",
+    ]);
+    assert!(e.contains("needs 2 to 255 --dest"), "{e}");
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--dest",
+        &b,
+        "--dest-policy",
+        "mirror",
+        "--stripe-range",
+        "1M",
+    ]);
+    assert!(
+        e.contains("--stripe-range is for --dest-policy stripe"),
+        "{e}"
+    );
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--dest",
+        &a,
+        "--dest",
+        &b,
+        "--dest-policy",
+        "stripe",
+        "--stripe-range",
+        "3M",
+    ]);
+    assert!(e.contains("invalid stripe range '3M'"), "{e}");
+    let e = one_line_error(&[
+        "backup",
+        "--backing",
+        v,
+        "--volume",
+        "w",
+        "--chunk-size",
+        "4M",
+        "--dest",
+        &a,
+        "--dest",
+        &b,
+        "--dest-policy",
+        "stripe",
+        "--stripe-range",
+        "2M",
+    ]);
+    assert!(e.contains("below the volume's chunk size"), "{e}");
+}
+
 /// `backup --dest-policy price` over two directories, A with cheap storage
 /// and dear PUTs, B the other way: snapshot 1 goes to A (nothing measured
 /// yet), then the puts its manifest shows make B cheaper, so snapshots 2

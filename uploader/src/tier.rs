@@ -115,6 +115,15 @@ pub enum TierError {
     )]
     SameDestination { url: String },
     #[error(
+        "{dest}: snapshot {snapshot} is one piece of a stripe over {members} destinations: \
+         tiering moves whole snapshots from one destination, so it stays where it is"
+    )]
+    Striped {
+        dest: String,
+        snapshot: u32,
+        members: u8,
+    },
+    #[error(
         "{dest}: {key} is damaged ({why}): it is not copied, and its snapshot stays where it is"
     )]
     Damaged {
@@ -354,6 +363,13 @@ fn move_one(
     let (fast, keys) = (index.dest, index.keys);
     let m = &stored.manifest;
     let id = m.snapshot;
+    if let Some(s) = m.stripe {
+        return Err(TierError::Striped {
+            dest: fast.url(),
+            snapshot: id,
+            members: s.members,
+        });
+    }
 
     // 1. Copy: the objects, verified, then the manifest.
     let mut todo: BTreeMap<String, (u64, ObjectRef)> = BTreeMap::new();
