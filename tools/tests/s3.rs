@@ -751,6 +751,83 @@ fn alternate_and_tier(servers: &[&Server]) {
     );
 }
 
+/// `foresnap backup --dest-policy stripe --stripe-range 1M` over both
+/// servers and a directory, twice: chunk c of the 8 at the (c mod 3)th
+/// destination; each snapshot lists complete over the three and restores
+/// from them (in another order) bit-exact; two of the three are refused,
+/// naming the missing piece.
+fn stripe_over_three(servers: &[&Server]) {
+    let dir = tempfile::tempdir().unwrap();
+    let vp = dir.path().join("vol");
+    let image = pattern(8 * MIB, 53);
+    std::fs::write(&vp, &image).unwrap();
+    let local_dir = dir.path().join("dest");
+    let local = format!("file://{}", local_dir.display());
+    let dests = [servers[0].url("str"), servers[1].url("str"), local.clone()];
+    for id in 1..=2 {
+        let mut c = servers[0].foresnap();
+        c.args(["backup", "--volume", "str", "--chunk-size", "1M"])
+            .args(["--dest-policy", "stripe", "--stripe-range", "1M"]);
+        for d in &dests {
+            c.args(["--dest", d]);
+        }
+        let text = run(c.arg("--backing").arg(&vp));
+        assert!(
+            text.contains(&format!("snapshot {id} uploaded to stripe(")),
+            "{text}"
+        );
+    }
+    let mut at_dir: Vec<String> = std::fs::read_dir(local_dir.join("str/objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    at_dir.sort();
+    assert_eq!(at_dir, ["000000000002", "000000000005"]);
+    let mut listing = servers[0].foresnap();
+    listing.args(["snapshots", "--volume", "str"]);
+    for d in &dests {
+        listing.args(["--dest", d]);
+    }
+    let listed = run(&mut listing);
+    // Servers show as `s3://BUCKET/PREFIX at ENDPOINT`.
+    let whole = listed
+        .lines()
+        .filter(|l| {
+            l.split("complete striped over: ")
+                .nth(1)
+                .is_some_and(|over| over.matches(" at http").count() == 2 && over.ends_with(&local))
+        })
+        .count();
+    assert_eq!(whole, 2, "{listed}");
+    for id in ["1", "2"] {
+        let out = dir.path().join(format!("r{id}"));
+        let mut c = servers[0].foresnap();
+        c.args(["restore", "--volume", "str", "--snapshot", id]);
+        for d in dests.iter().rev() {
+            c.args(["--dest", d]);
+        }
+        let report = run(c.arg("--to").arg(&out));
+        assert!(std::fs::read(&out).unwrap() == image, "snapshot {id}");
+        assert_eq!(report.matches(", 0 errors").count(), 3, "{report}");
+    }
+    let out = servers[0]
+        .foresnap()
+        .args([
+            "restore", "--volume", "str", "--dest", &dests[0], "--dest", &dests[2],
+        ])
+        .arg("--to")
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("striped over 3 destinations")
+            && err.contains("piece 2"),
+        "{err}"
+    );
+}
+
 /// Both servers at once: the mirror policy and restore failover.
 #[test]
 fn mirror_over_two_servers() {
@@ -761,6 +838,7 @@ fn mirror_over_two_servers() {
     });
     mirror_engine(&[&a, &b]);
     alternate_and_tier(&[&a, &b]);
+    stripe_over_three(&[&a, &b]);
     mirror_failover(&[&a, &b]);
 }
 
