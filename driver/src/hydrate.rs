@@ -1,19 +1,22 @@
 //! Lazy restore: a device over a volume whose content is still arriving.
 //!
 //! The volume is cut into chunks (the snapshot's object chunks). A chunk is
-//! *ready* once its content is on the backing store, durably, and recorded
-//! as such in the state file; until then no request may touch it: a queue
-//! that meets a request on a chunk not ready asks for the chunk
-//! ([`Hydration::want`]), holds the request back, and retries it when the
-//! hydrator wakes the queues. Writes wait too, so the hydrator never writes
-//! over newer data. Reads and writes of ready chunks cost one atomic load
-//! per chunk they touch.
+//! *readable* once its content is written to the backing store, and
+//! *ready* once that content is durable and recorded as such in the state
+//! file. A queue that meets a read of a chunk not readable, or a write to
+//! a chunk not ready, asks for the chunk ([`Hydration::want`]), holds the
+//! request back, and retries it when the hydrator wakes the queues. Writes
+//! wait until the chunk is ready, so the hydrator never writes over newer
+//! data and a crash never loses a write to a re-fetch; reads need only the
+//! content, so a cold read is answered before the syncs that follow (a
+//! crash then fetches the same content again). Reads and writes of ready
+//! chunks cost one atomic load per chunk they touch.
 //!
 //! The hydrator ([`Hydration::run`]) fetches chunks on worker threads:
 //! chunks asked for by a request first, on a worker reserved for them (so
 //! a cold read waits for its own fetch, not for background work ahead of
 //! it), the others in ascending order in the background. A fetched chunk is
-//! written, the backing store and the caller's write records synced, then
+//! written (now readable: the queues are woken), the backing store and the caller's write records synced, then
 //! its bit is set in the state file and synced, and only then is it marked
 //! ready in memory and the queues woken. So after a crash the state file
 //! never claims a chunk whose content is not durable, and a chunk that the
@@ -105,6 +108,8 @@ pub struct Hydration {
     volume_bytes: u64,
     chunks: u64,
     ready: Box<[AtomicU64]>,
+    /// Ready, or written and not yet durable (module doc).
+    readable: Box<[AtomicU64]>,
     failed: Box<[AtomicU64]>,
     queue: Mutex<Queue>,
     work: Condvar,
@@ -243,6 +248,10 @@ impl Hydration {
                 AtomicU64::new(v)
             })
             .collect();
+        let readable = ready
+            .iter()
+            .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
+            .collect();
         Hydration {
             path: path.to_owned(),
             file,
@@ -250,6 +259,7 @@ impl Hydration {
             volume_bytes,
             chunks,
             ready,
+            readable,
             failed: (0..words).map(|_| AtomicU64::new(0)).collect(),
             queue: Mutex::new(Queue::default()),
             work: Condvar::new(),
@@ -292,15 +302,26 @@ impl Hydration {
         (first, last.min(self.chunks.saturating_sub(1)))
     }
 
-    /// I/O path: how `[offset, offset + len)` stands. Atomic loads only.
+    /// I/O path: how `[offset, offset + len)` stands for a write (every
+    /// chunk ready). Atomic loads only.
     pub fn readiness(&self, offset: u64, len: u64) -> Readiness {
+        self.stands(&self.ready, offset, len)
+    }
+
+    /// I/O path: how `[offset, offset + len)` stands for a read (every
+    /// chunk's content written, durable or not). Atomic loads only.
+    pub fn read_readiness(&self, offset: u64, len: u64) -> Readiness {
+        self.stands(&self.readable, offset, len)
+    }
+
+    fn stands(&self, bits: &[AtomicU64], offset: u64, len: u64) -> Readiness {
         let (first, last) = self.chunk_range(offset, len);
         let mut state = Readiness::Ready;
         for c in first..=last {
             if bit(&self.failed, c) {
                 return Readiness::Failed;
             }
-            if !bit(&self.ready, c) {
+            if !bit(bits, c) {
                 state = Readiness::Pending;
             }
         }
@@ -414,6 +435,7 @@ impl Hydration {
         }
         self.file.write_all_at(&[byte], HEADER + byte_index)?;
         self.file.sync_data()?;
+        set_bit(&self.readable, c);
         set_bit(&self.ready, c);
         Ok(())
     }
@@ -449,7 +471,7 @@ impl Hydration {
                 let Some((c, asked)) = self.next(urgent_only) else {
                     break;
                 };
-                let result = self.hydrate_one(source, write, sync, c, &mut buf);
+                let result = self.hydrate_one(source, write, sync, wake, c, &mut buf);
                 if let Err(why) = result {
                     log::error!(
                         "hydration: chunk {c} (bytes {}..{}) cannot be restored: {why}; \
@@ -480,6 +502,7 @@ impl Hydration {
         source: &dyn ChunkSource,
         write: &(dyn Fn(u64, &[u8]) -> io::Result<()> + Sync),
         sync: &(dyn Fn() -> io::Result<()> + Sync),
+        wake: &(dyn Fn() + Sync),
         c: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), String> {
@@ -503,6 +526,11 @@ impl Hydration {
         let offset = c << self.chunk_shift;
         if data {
             write(offset, buf).map_err(|e| format!("writing it: {e}"))?;
+        }
+        // Reads waiting for it go now; writes wait for the commit.
+        set_bit(&self.readable, c);
+        wake();
+        if data {
             sync().map_err(|e| format!("syncing it: {e}"))?;
         }
         self.commit(c)
@@ -569,6 +597,56 @@ mod tests {
             2,
             &|_| {},
         )
+    }
+
+    /// While a chunk's sync is in progress its reads may go (its content
+    /// is written) but not its writes, and the state file does not claim
+    /// it: a crash then fetches it again and loses nothing.
+    #[test]
+    fn a_written_chunk_is_read_before_its_sync_and_written_only_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Hydration::state_path(&dir.path().join("vol"));
+        let h = Hydration::create(&p, u64::from(CHUNK), CHUNK, [7; 32]).unwrap();
+        let src = Source {
+            broken: vec![],
+            fetches: AtomicUsize::new(0),
+            delay: Duration::ZERO,
+        };
+        let written = AtomicBool::new(false);
+        let seen = Mutex::new(Vec::new());
+        let wakes = AtomicUsize::new(0);
+        let progress = h.run(
+            &src,
+            &|_, _| {
+                written.store(true, Ordering::Release);
+                Ok(())
+            },
+            &|| {
+                // In the sync: what a queue woken now would find.
+                let on_disk = Hydration::open(&p).unwrap().0;
+                seen.lock().unwrap().push((
+                    wakes.load(Ordering::Acquire),
+                    h.read_readiness(0, 4096),
+                    h.readiness(0, 4096),
+                    on_disk.readiness(0, 4096),
+                ));
+                Ok(())
+            },
+            &|| {
+                assert!(written.load(Ordering::Acquire), "woken before the write");
+                wakes.fetch_add(1, Ordering::AcqRel);
+            },
+            &|_| {},
+            1,
+            &|_| {},
+        );
+        assert_eq!(progress.ready, 1);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [(1, Readiness::Ready, Readiness::Pending, Readiness::Pending)]
+        );
+        assert_eq!(h.readiness(0, 4096), Readiness::Ready);
+        assert_eq!(wakes.load(Ordering::Acquire), 2, "woken again once ready");
     }
 
     #[test]

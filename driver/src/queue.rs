@@ -329,7 +329,13 @@ impl QueueState<'_> {
         if let Some(h) = self.hydration
             && req.op != Op::Flush
         {
-            match h.readiness(req.offset, u64::from(req.len)) {
+            let len = u64::from(req.len);
+            let stands = if req.op == Op::Read {
+                h.read_readiness(req.offset, len)
+            } else {
+                h.readiness(req.offset, len)
+            };
+            match stands {
                 Readiness::Ready => {}
                 Readiness::Pending => {
                     h.want(req.offset, u64::from(req.len));
