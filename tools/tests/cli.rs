@@ -575,66 +575,37 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
     common::run(&mut c);
     assert!(std::fs::read(&to).unwrap() == image);
 
-    let v = vol.to_str().unwrap();
-    let e = one_line_error(&[
-        "backup",
-        "--backing",
-        v,
-        "--dest",
-        &a,
-        "--dest-policy",
-        "stripe",
-    ]);
-    assert!(e.contains("needs 2 to 255 --dest"), "{e}");
-    let e = one_line_error(&[
-        "backup",
-        "--backing",
-        v,
-        "--dest",
-        &a,
-        "--dest",
-        &b,
-        "--dest-policy",
-        "mirror",
-        "--stripe-range",
-        "1M",
-    ]);
-    assert!(
-        e.contains("--stripe-range is for --dest-policy stripe"),
-        "{e}"
-    );
-    let e = one_line_error(&[
-        "backup",
-        "--backing",
-        v,
-        "--dest",
-        &a,
-        "--dest",
-        &b,
-        "--dest-policy",
-        "stripe",
-        "--stripe-range",
-        "3M",
-    ]);
-    assert!(e.contains("invalid stripe range '3M'"), "{e}");
-    let e = one_line_error(&[
-        "backup",
-        "--backing",
-        v,
-        "--volume",
-        "w",
-        "--chunk-size",
-        "4M",
-        "--dest",
-        &a,
-        "--dest",
-        &b,
-        "--dest-policy",
-        "stripe",
-        "--stripe-range",
-        "2M",
-    ]);
-    assert!(e.contains("below the volume's chunk size"), "{e}");
+    // Bad input: one line each.
+    let refused = |dests: &[&str], words: &str| {
+        let mut args = vec!["backup", "--backing", vol.to_str().unwrap()];
+        for d in dests {
+            args.extend(["--dest", d]);
+        }
+        args.extend(words.split(' '));
+        one_line_error(&args)
+    };
+    for (dests, words, why) in [
+        (&[&a][..], "--dest-policy stripe", "needs 2 to 255 --dest"),
+        (
+            &[&a, &b],
+            "--dest-policy mirror --stripe-range 1M",
+            "--stripe-range is for --dest-policy stripe",
+        ),
+        (
+            &[&a, &b],
+            "--dest-policy stripe --stripe-range 3M",
+            "invalid stripe range '3M'",
+        ),
+        (
+            &[&a, &b],
+            "--volume w --chunk-size 4M --dest-policy stripe --stripe-range 2M",
+            "below the volume's chunk size",
+        ),
+    ] {
+        let dests: Vec<&str> = dests.iter().map(|d| d.as_str()).collect();
+        let e = refused(&dests, words);
+        assert!(e.contains(why), "{words}: {e}");
+    }
 }
 
 /// `backup --dest-policy price` over two directories, A with cheap storage
