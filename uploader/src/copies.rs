@@ -277,7 +277,7 @@ impl Copies {
         *c.route
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Route {
-            members: n as u8,
+            members: u8::try_from(n).unwrap_or(u8::MAX),
             range_log2,
             at: (0..n).collect(),
         });
@@ -287,8 +287,9 @@ impl Copies {
     /// The layout this stripe writes, as member `index` says it.
     fn layout(&self, range_log2: u8, index: usize) -> Stripe {
         Stripe {
-            members: self.members.len() as u8,
-            index: index as u8,
+            // At most 255 members (`Copies::stripe`).
+            members: u8::try_from(self.members.len()).unwrap_or(u8::MAX),
+            index: u8::try_from(index).unwrap_or(u8::MAX),
             range_log2,
         }
     }

@@ -500,8 +500,8 @@ pub const MAX_STRIPE_RANGE_LOG2: u8 = 40;
 impl Stripe {
     /// The member that holds chunk `c`.
     pub fn member_of(&self, c: u64) -> u8 {
-        // `members` >= 1, so the remainder fits a u8.
-        ((c >> self.range_log2) % u64::from(self.members.max(1))) as u8
+        // The remainder is below `members`, so it fits a u8.
+        u8::try_from((c >> self.range_log2) % u64::from(self.members.max(1))).unwrap_or(0)
     }
 
     fn encode(s: Option<Stripe>) -> [u8; 4] {
