@@ -23,6 +23,7 @@ use foresnap_uploader::copies::Copies;
 use foresnap_uploader::dest::{DestError, Destination, DirDestination};
 use foresnap_uploader::engine::Uploader;
 use foresnap_uploader::format::{Codec, Keys};
+use foresnap_uploader::price::Price;
 use foresnap_uploader::restore::{list_snapshots, read_manifest, restore_image, verify_snapshots};
 use foresnap_uploader::s3::{S3Credentials, S3Destination, S3Url};
 
@@ -491,22 +492,49 @@ fn all_scenarios(kind: &'static str) {
     scheduled_predictive_upload(&s);
 }
 
-/// The `mirror` policy over both servers and a directory, through the
-/// engine: random writes in two epochs, uploaded once to the mirror; each
-/// of the three copies alone lists both snapshots, restores each
-/// bit-exact and verifies clean.
-fn mirror_engine(servers: &[&Server]) {
+/// How [`engine_over`] spreads snapshots over its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spread {
+    /// Every snapshot complete at each member.
+    Mirror,
+    /// Each snapshot complete at one member, the one priced lowest.
+    Price,
+    /// Each snapshot's chunks over all members, one 1 MiB chunk per range.
+    Stripe,
+}
+
+/// A policy over both servers and a directory, through the engine: random
+/// writes in two epochs (the second a delta over the first), uploaded
+/// once; every snapshot restores bit-exact from every place its manifests
+/// say it lives (a mirror: each member alone; `price`: the one member that
+/// lists it; a stripe: the three together, in another order), and every
+/// member verifies clean (a stripe's member: its piece).
+fn engine_over(servers: &[&Server], spread: Spread) {
     let dir = tempfile::tempdir().unwrap();
     let size = 16 * MIB + 4096 * 5;
-    let keys = Keys::new("mirrored").unwrap();
+    let name = format!("{spread:?}").to_lowercase();
+    let keys = Keys::new(&name).unwrap();
     let mut members: Vec<Arc<dyn Destination>> = servers
         .iter()
-        .map(|s| Arc::new(s.open("mirror")) as Arc<dyn Destination>)
+        .map(|s| Arc::new(s.open(&name)) as Arc<dyn Destination>)
         .collect();
     members.push(Arc::new(
         DirDestination::open(&dir.path().join("dest")).unwrap(),
     ));
-    let copies: Arc<dyn Destination> = Arc::new(Copies::new(members.clone()));
+    let copies: Arc<dyn Destination> = Arc::new(match spread {
+        Spread::Mirror => Copies::new(members.clone()),
+        // The directory's storage is dearest; the first server's PUTs
+        // are dearer than the second's.
+        Spread::Price => Copies::price(
+            members.clone(),
+            keys.clone(),
+            ["storage=0.01,put=50", "storage=0.02,put=0.001", "storage=5"]
+                .map(|p| Price::parse(p).unwrap())
+                .to_vec(),
+            1.0,
+        ),
+        Spread::Stripe => Copies::stripe(members.clone(), keys.clone(), 0),
+    });
     let (t, vol, vp) = tracked_volume(dir.path(), "m", size, 1 << 20);
     let mut images = Vec::new();
     for epoch in 1..=2u64 {
@@ -534,30 +562,52 @@ fn mirror_engine(servers: &[&Server]) {
     for want in 1..=2 {
         assert_eq!(up.upload_next().unwrap().unwrap().snapshot, want);
     }
-    for d in &members {
-        assert_eq!(
-            list_snapshots(d.as_ref(), &keys).unwrap(),
-            vec![1, 2],
-            "{}",
+    let restores = |d: &dyn Destination, id: u32| {
+        let m = read_manifest(d, &keys, id).unwrap();
+        let out = dir.path().join(format!("r-{id}"));
+        restore_image(d, &keys, &m, &out, 3, |_, _| {}).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == images[id as usize - 1],
+            "snapshot {id} from {} differs from the image at its close",
             d.url()
         );
-        let manifests: Vec<_> = [1, 2]
+        std::fs::remove_file(&out).unwrap();
+    };
+    let mut listed = Vec::new();
+    for d in &members {
+        let ids = list_snapshots(d.as_ref(), &keys).unwrap();
+        let manifests: Vec<_> = ids
             .iter()
-            .map(|&id| read_manifest(d.as_ref(), &keys, id).unwrap())
+            .map(|&id| read_manifest(d.as_ref(), &keys, id).unwrap().piece())
             .collect();
-        for (m, want) in manifests.iter().zip(&images) {
-            let out = dir.path().join(format!("r-{}", m.snapshot));
-            restore_image(d.as_ref(), &keys, m, &out, 3, |_, _| {}).unwrap();
-            assert!(
-                &std::fs::read(&out).unwrap() == want,
-                "snapshot {} from {} differs from the image at its close",
-                m.snapshot,
-                d.url()
-            );
-            std::fs::remove_file(&out).unwrap();
-        }
         let r = verify_snapshots(d.as_ref(), &keys, &manifests, 4, |_, _| {}).unwrap();
         assert!(r.problems.is_empty(), "{}: {r:?}", d.url());
+        if spread != Spread::Stripe {
+            for &id in &ids {
+                restores(d.as_ref(), id);
+            }
+        }
+        listed.push(ids);
+    }
+    match spread {
+        Spread::Mirror | Spread::Stripe => assert_eq!(listed, [[1, 2], [1, 2], [1, 2]]),
+        // Snapshot 1 at the cheapest storage; its PUTs then make the
+        // second server cheaper.
+        Spread::Price => assert_eq!(listed, [vec![1], vec![2], vec![]]),
+    }
+    if spread == Spread::Stripe {
+        let reversed = Copies::new(members.iter().rev().cloned().collect());
+        for id in 1..=2 {
+            let m = read_manifest(&reversed, &keys, id).unwrap();
+            reversed.route_stripe(&keys, &m).unwrap();
+            restores(&reversed, id);
+        }
+        assert!(
+            reversed
+                .stats()
+                .iter()
+                .all(|s| s.errors == 0 && s.reads > 0)
+        );
     }
 }
 
@@ -828,7 +878,9 @@ fn stripe_over_three(servers: &[&Server]) {
     );
 }
 
-/// Both servers at once: the mirror policy and restore failover.
+/// Both servers at once: the mirror, stripe and price policies through
+/// the engine, alternate, tier and stripe through the CLI, and restore
+/// failover.
 #[test]
 fn mirror_over_two_servers() {
     let (a, b) = std::thread::scope(|s| {
@@ -836,7 +888,9 @@ fn mirror_over_two_servers() {
         let b = s.spawn(|| Server::start("s3s-fs"));
         (a.join().unwrap(), b.join().unwrap())
     });
-    mirror_engine(&[&a, &b]);
+    engine_over(&[&a, &b], Spread::Mirror);
+    engine_over(&[&a, &b], Spread::Stripe);
+    engine_over(&[&a, &b], Spread::Price);
     alternate_and_tier(&[&a, &b]);
     stripe_over_three(&[&a, &b]);
     mirror_failover(&[&a, &b]);
