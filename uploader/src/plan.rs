@@ -185,6 +185,10 @@ impl PlanConfig {
     }
 }
 
+/// Shortest span a rate since the last sample is taken over
+/// ([`HeatMap::write_rate_now`]).
+pub const MIN_RATE_SPAN_S: f64 = 0.1;
+
 /// Per-chunk write and overwrite rates, decayed exponentially (module
 /// doc). Fed by sampling the dirty map's per-chunk counters; 16 bytes per
 /// chunk (4 MiB per TiB at 4 MiB chunks).
@@ -253,6 +257,22 @@ impl HeatMap {
     /// Writes per second of `chunk` over the last sample interval (blocks).
     pub fn write_rate(&self, chunk: u64) -> f64 {
         self.get(&self.recent, chunk)
+    }
+
+    /// Writes per second of `chunk` now: over the last sample interval,
+    /// or since the last sample when that is higher, so that a chunk that
+    /// became busy since (the new tail of a log) is busy at once, not from
+    /// the next sample, when it may be full already. The span since the
+    /// sample counts as [`MIN_RATE_SPAN_S`] at least: one write just after
+    /// it is not a flood.
+    pub fn write_rate_now(&self, map: &DirtyMap, chunk: u64, now_s: f64) -> f64 {
+        let recent = self.write_rate(chunk);
+        let seen = usize::try_from(chunk).ok().and_then(|c| self.seen.get(c));
+        let (Some(last), Some(&(w0, _))) = (self.last_s, seen) else {
+            return recent;
+        };
+        let since = f64::from(map.chunk_heat(chunk).0.wrapping_sub(w0));
+        recent.max(since / (now_s - last).max(MIN_RATE_SPAN_S))
     }
 
     fn get(&self, v: &[f32], chunk: u64) -> f64 {
@@ -402,6 +422,11 @@ impl Planner {
 
     /// `P` of a chunk with `dirty` blocks (module doc).
     pub fn overwrite_probability(&self, chunk: u64, dirty: u64, ts_s: f64, rate: f64) -> f64 {
+        self.probability(chunk, dirty, ts_s, rate, self.heat.write_rate(chunk))
+    }
+
+    /// `P` with `writes` per second on the chunk now.
+    fn probability(&self, chunk: u64, dirty: u64, ts_s: f64, rate: f64, writes: f64) -> f64 {
         let n = dirty.max(1) as f64;
         let p_over = 1.0 - (-(self.heat.overwrite_rate(chunk) / n) * ts_s.max(0.0)).exp();
         let upload_s = if rate > 0.0 {
@@ -409,7 +434,7 @@ impl Planner {
         } else {
             0.0
         };
-        let p_stale = 1.0 - (-self.heat.write_rate(chunk) * upload_s).exp();
+        let p_stale = 1.0 - (-writes * upload_s).exp();
         1.0 - (1.0 - p_over) * (1.0 - p_stale)
     }
 
@@ -509,7 +534,8 @@ impl Planner {
             e.0 = if e.2 == 0 {
                 f64::INFINITY
             } else {
-                self.overwrite_probability(e.1, e.2, ts, rate)
+                let writes = self.heat.write_rate_now(map, e.1, input.now_s);
+                self.probability(e.1, e.2, ts, rate, writes)
             };
         }
         scratch.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -686,6 +712,34 @@ mod tests {
         assert!(plan.chunks.is_empty(), "appended to at 800 blocks/s");
         p.sample(&m, 61.0);
         assert_eq!(p.plan(&m, &input(61.0, 9.0, slow), 8).chunks, vec![0]);
+    }
+
+    /// A chunk that became busy after the last sample (the new tail of a
+    /// log) is busy at once: it waits, where the last sample alone said
+    /// it was quiet; one write just after a sample is no flood.
+    #[test]
+    fn a_chunk_busy_since_the_last_sample_waits() {
+        let m = DirtyMap::new(64 * MIB, GEO);
+        let mut p = Planner::new(&m, PlanConfig::default());
+        p.sample(&m, 0.0);
+        p.sample(&m, 1.0);
+        for i in 0..60 {
+            write(&m, i * 4, 4); // appended to since the sample at 1 s
+        }
+        assert_eq!(p.heat.write_rate(0), 0.0, "the last sample saw nothing");
+        assert!(p.heat.write_rate_now(&m, 0, 1.2) >= 1000.0);
+        let slow = MIB as f64; // the 240 blocks take ~1 s
+        let plan = p.plan(&m, &input(1.2, 6.0, slow), 8);
+        assert!(plan.started);
+        assert!(plan.chunks.is_empty(), "appended to at 1200 blocks/s");
+        // Quiet for a sample interval: it goes.
+        p.sample(&m, 61.0);
+        p.sample(&m, 62.0);
+        assert_eq!(p.plan(&m, &input(62.1, 5.0, slow), 8).chunks, vec![0]);
+        // One block written just after a sample counts over 0.1 s at least.
+        write(&m, 4096, 1);
+        let r = p.heat.write_rate_now(&m, 4, 62.001);
+        assert!((r - 1.0 / MIN_RATE_SPAN_S).abs() < 1e-9, "{r}");
     }
 
     /// A block uploaded twice in an epoch is hot: left out of early
