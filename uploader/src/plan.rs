@@ -36,10 +36,11 @@
 //!
 //! An upload is also void if *any* write lands on the chunk while its
 //! blocks are read and sent (the chunk version check of
-//! [`DirtyMap::ack_open`]): with `w` writes per second in the last sample
-//! interval (blocks; a chunk being appended to is busy while it is, and
-//! quiet from the sample after it is full) and an upload time
-//! `u = n * block / B`, `P_stale = 1 - exp(-w * u)`. The
+//! [`DirtyMap::ack_open`]): with `w` writes per second (blocks) over the
+//! last sample interval, or since the last sample if that is higher (a
+//! chunk being appended to is busy from its first writes, not from the
+//! next sample, and quiet from the sample after it is full) and an upload
+//! time `u = n * block / B`, `P_stale = 1 - exp(-w * u)`. The
 //! planner uploads chunks in ascending `P = 1 - (1 - P_over)(1 - P_stale)`
 //! and skips, for now, every chunk with `P >= PT`. As the close nears,
 //! `TS` shrinks and hot chunks fall below `PT` on their own: they are
