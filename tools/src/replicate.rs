@@ -29,8 +29,12 @@ const SIGNAL_POLL: Duration = Duration::from_millis(100);
 pub fn run(args: &ReplicateArgs) -> anyhow::Result<()> {
     let keys = Keys::new(&args.from.volume).map_err(anyhow::Error::msg)?;
     let members = open_all(&args.from.dest, &keys, args.from.key.load()?.as_ref())?;
+    // Copies over every member, also over one, to learn where a striped
+    // snapshot's pieces are (each read goes first where it lives) or to
+    // name one that is missing.
+    let copies = Arc::new(Copies::new(members.clone()));
     let dest: Arc<dyn Destination> = if members.len() > 1 {
-        Arc::new(Copies::new(members))
+        copies.clone()
     } else {
         members[0].clone()
     };
@@ -46,9 +50,17 @@ pub fn run(args: &ReplicateArgs) -> anyhow::Result<()> {
                 .context("cannot install signal handlers")?;
         }
     }
+    // A striped snapshot with a piece at none of the --dest is refused
+    // before the image is touched (the catch-up checks each one again).
+    if let Ok(ids) = list_snapshots(dest.as_ref(), &keys)
+        && let Some(&newest) = ids.last()
+        && let Ok(m) = read_manifest(dest.as_ref(), &keys, newest)
+    {
+        copies.route_stripe(&keys, &m)?;
+    }
     let mut replica = Replica::open(&args.to, args.state.as_deref())?;
     loop {
-        match replica.catch_up(&ahead, &keys, args) {
+        match replica.catch_up(&ahead, &copies, &keys, args) {
             Ok(()) => {}
             // A store that fails for a while is waited out when following.
             Err(e) if args.follow && transient(&e) => {
@@ -163,6 +175,7 @@ impl<'p> Replica<'p> {
     fn catch_up(
         &mut self,
         ahead: &Prefetched<'_>,
+        copies: &Copies,
         keys: &Keys,
         args: &ReplicateArgs,
     ) -> anyhow::Result<()> {
@@ -191,6 +204,7 @@ impl<'p> Replica<'p> {
         }
         let to = read_manifest(ahead, keys, newest)
             .with_context(|| format!("snapshot {newest} of volume {}", keys.name()))?;
+        copies.route_stripe(keys, &to)?;
         // The snapshot the image holds, if the destination still has it.
         let parent: Option<Manifest> = match self.state {
             Some(s) if s.snapshot > 0 && s.volume_id == to.volume_id => {

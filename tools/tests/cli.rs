@@ -550,6 +550,30 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
         common::run(foresnap().args(["verify", "--volume", "v", "--dest", &a, "--dest", &b]));
     assert_eq!(text.matches(", 0 bad").count(), 2, "{text}");
 
+    // A replica follows the stripe from both members; one is refused.
+    let replica = dir.path().join("replica");
+    let mut c = foresnap();
+    c.args(["replicate", "--volume", "v", "--dest", &b, "--dest", &a])
+        .arg("--to")
+        .arg(&replica);
+    common::run(&mut c);
+    assert!(std::fs::read(&replica).unwrap() == image);
+    let never = dir.path().join("never");
+    let e = one_line_error(&[
+        "replicate",
+        "--volume",
+        "v",
+        "--dest",
+        &b,
+        "--to",
+        never.to_str().unwrap(),
+    ]);
+    assert!(!never.exists(), "a refused replica left its image");
+    assert!(
+        e.contains("striped over 2 destinations") && e.contains("piece 1"),
+        "{e}"
+    );
+
     common::run(foresnap().args([
         "prune",
         "--volume",
