@@ -652,13 +652,13 @@ pub fn stored_snapshots(args: &DestArgs) -> anyhow::Result<Vec<serde_json::Value
         let (holders, stripe) = match m.stripe {
             None => (holders, serde_json::Value::Null),
             Some(s) => {
-                let mut pieces = vec![None; usize::from(s.members)];
-                for &i in &holders {
-                    let theirs = read_manifest(members[i].as_ref(), &keys, id)?;
-                    if let Some(t) = theirs.stripe.filter(|t| t.members == s.members) {
-                        pieces[usize::from(t.index)].get_or_insert(i);
+                let pieces = match Copies::new(members.clone()).stripe_pieces(&keys, &m) {
+                    Ok(p) => p.unwrap_or_default(),
+                    Err(e) => {
+                        rows.push(serde_json::json!({"snapshot": id, "damaged": e.to_string()}));
+                        continue;
                     }
-                }
+                };
                 let whole = pieces.iter().all(Option::is_some);
                 let json = serde_json::json!({
                     "members": s.members,

@@ -176,10 +176,15 @@ pub struct Copies {
 /// Where a stripe's pieces are among the members.
 #[derive(Debug, Clone)]
 struct Route {
-    members: u8,
-    range_log2: u8,
+    /// The volume whose object keys are routed.
+    keys: Keys,
+    /// The layout (its `index` unused).
+    layout: Stripe,
     /// Per stripe index, the member.
     at: Vec<usize>,
+    /// The snapshot it was learned from ([`Copies::route_stripe`]); `None`
+    /// for the stripe this set writes.
+    snapshot: Option<u32>,
 }
 
 /// Why a striped snapshot cannot be read from the members given.
@@ -273,14 +278,15 @@ impl Copies {
         assert!(range_log2 <= crate::format::MAX_STRIPE_RANGE_LOG2);
         let n = members.len();
         let mut c = Copies::new(members);
-        c.placement = Placement::Stripe(keys, range_log2);
         *c.route
             .get_mut()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Route {
-            members: u8::try_from(n).unwrap_or(u8::MAX),
-            range_log2,
+            keys: keys.clone(),
+            layout: c.layout(range_log2, 0),
             at: (0..n).collect(),
+            snapshot: None,
         });
+        c.placement = Placement::Stripe(keys, range_log2);
         c
     }
 
@@ -294,14 +300,18 @@ impl Copies {
         }
     }
 
-    /// Before reading snapshot `m` (read from any member): when it is
-    /// striped, learns which member holds each piece from the members'
-    /// own manifests, so that each object is read first where it lives.
-    /// A piece at no member is an error naming it; a snapshot that is not
-    /// striped changes nothing.
-    pub fn route_stripe(&self, keys: &Keys, m: &Manifest) -> Result<(), StripeError> {
+    /// Which member holds each piece of snapshot `m` (read from any
+    /// member), from the members' own manifests: `None` when it is not
+    /// striped; a piece at no member is `None` in the list. A member that
+    /// cannot be read is passed over; one holding a manifest of another
+    /// layout is an error.
+    pub fn stripe_pieces(
+        &self,
+        keys: &Keys,
+        m: &Manifest,
+    ) -> Result<Option<Vec<Option<usize>>>, StripeError> {
         let Some(s) = m.stripe else {
-            return Ok(());
+            return Ok(None);
         };
         let key = keys.manifest(m.snapshot);
         let mut at = vec![None; usize::from(s.members)];
@@ -335,6 +345,31 @@ impl Copies {
                 }
             }
         }
+        Ok(Some(at))
+    }
+
+    /// Before reading snapshot `m` (read from any member): when it is
+    /// striped, learns which member holds each piece
+    /// ([`Copies::stripe_pieces`]), so that each object is read first
+    /// where it lives. A piece at no member is an error naming it; a
+    /// snapshot that is not striped changes nothing, and one already
+    /// learned is not asked again.
+    pub fn route_stripe(&self, keys: &Keys, m: &Manifest) -> Result<(), StripeError> {
+        let learned = |r: &Option<Route>| {
+            r.as_ref()
+                .is_some_and(|r| r.snapshot == Some(m.snapshot) && &r.keys == keys)
+        };
+        if learned(
+            &self
+                .route
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        ) {
+            return Ok(());
+        }
+        let (Some(s), Some(at)) = (m.stripe, self.stripe_pieces(keys, m)?) else {
+            return Ok(());
+        };
         let missing: Vec<String> = at
             .iter()
             .enumerate()
@@ -353,38 +388,23 @@ impl Copies {
             .route
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Route {
-            members: s.members,
-            range_log2: s.range_log2,
+            keys: keys.clone(),
+            layout: s,
             at: at.into_iter().flatten().collect(),
+            snapshot: Some(m.snapshot),
         });
         Ok(())
     }
 
     /// The member a read of `key` should try first under a stripe.
     fn routed(&self, key: &str) -> Option<usize> {
-        let keys = match &self.placement {
-            Placement::Stripe(keys, _) => Some(keys),
-            _ => None,
-        };
         let route = self
             .route
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let r = route.as_ref()?;
-        // Object keys are `NAME/objects/CHUNK/...` whatever the keys.
-        let chunk = match keys {
-            Some(k) => k.chunk_of(key)?,
-            None => {
-                let (name, _) = key.split_once("/objects/")?;
-                Keys::new(name).ok()?.chunk_of(key)?
-            }
-        };
-        let s = Stripe {
-            members: r.members,
-            index: 0,
-            range_log2: r.range_log2,
-        };
-        r.at.get(usize::from(s.member_of(chunk))).copied()
+        let chunk = r.keys.chunk_of(key)?;
+        r.at.get(usize::from(r.layout.member_of(chunk))).copied()
     }
 
     /// `alternate` over `members` for the volume of `keys` (module doc):
@@ -749,16 +769,8 @@ impl Copies {
     /// neither this snapshot (stored there by the uploader) nor `i`'s own
     /// newest earlier snapshot (complete there).
     fn fill(&self, i: usize, keys: &Keys, manifest: &Manifest) -> Result<u64, CatchUpError> {
-        let member = &self.members[i].dest;
-        let ids = keys.snapshot_ids(&member.list(&keys.manifests())?);
         let mut have = std::collections::BTreeSet::new();
-        if let Some(&prev) = ids.iter().rfind(|&&id| id < manifest.snapshot) {
-            let key = keys.manifest(prev);
-            let m =
-                Manifest::decode(&member.get(&key)?).map_err(|error| CatchUpError::Damaged {
-                    key,
-                    why: error.to_string(),
-                })?;
+        if let Some(m) = self.newest_before(i, keys, manifest.snapshot)? {
             for (c, refs) in m.chunks.iter().enumerate() {
                 have.extend(refs.iter().map(|&r| (c as u64, r)));
             }
@@ -771,6 +783,38 @@ impl Copies {
             |c, r, _| r.snapshot != snapshot && !have.contains(&(c, r)),
             |_, _| {},
         )
+    }
+
+    /// Member `i`'s newest manifest of a snapshot before `snapshot`: what
+    /// it holds whole (or its piece of, under a stripe).
+    fn newest_before(
+        &self,
+        i: usize,
+        keys: &Keys,
+        snapshot: u32,
+    ) -> Result<Option<Manifest>, CatchUpError> {
+        let member = &self.members[i].dest;
+        let ids = keys.snapshot_ids(&member.list(&keys.manifests())?);
+        let Some(&prev) = ids.iter().rfind(|&&id| id < snapshot) else {
+            return Ok(None);
+        };
+        let key = keys.manifest(prev);
+        let m = Manifest::decode(&member.get(&key)?).map_err(|error| CatchUpError::Damaged {
+            key,
+            why: error.to_string(),
+        })?;
+        Ok(Some(m))
+    }
+
+    /// The manifest being put as `key`: decoded, since placing it needs
+    /// its references.
+    fn manifest_put(&self, key: &str, bytes: &[u8]) -> Result<Manifest, DestError> {
+        Manifest::decode(bytes).map_err(|e| DestError::Remote {
+            dest: self.url(),
+            op: "put",
+            key: key.to_owned(),
+            why: format!("not a manifest: {e}"),
+        })
     }
 
     /// Stores `key` at member `i`; the same bytes there already count as
@@ -919,13 +963,7 @@ impl Copies {
         if !keys.is_manifest(key) {
             return self.put_everywhere(key, bytes);
         }
-        let not_manifest = |e: crate::format::FormatError| DestError::Remote {
-            dest: self.url(),
-            op: "put",
-            key: key.to_owned(),
-            why: format!("not a manifest: {e}"),
-        };
-        let m = Manifest::decode(bytes).map_err(not_manifest)?;
+        let m = self.manifest_put(key, bytes)?;
         for i in 0..self.members.len() {
             let copied = self
                 .fill_piece(i, keys, &m, self.layout(range_log2, i))
@@ -969,29 +1007,15 @@ impl Copies {
         if !older {
             return Ok(0);
         }
-        let member = &self.members[i].dest;
-        let ids = keys.snapshot_ids(&member.list(&keys.manifests())?);
         let mut have = std::collections::BTreeSet::new();
-        let prev = match ids.iter().rfind(|&&id| id < snapshot) {
-            Some(&prev) => {
-                let key = keys.manifest(prev);
-                Some(Manifest::decode(&member.get(&key)?).map_err(|error| {
-                    CatchUpError::Damaged {
-                        key,
-                        why: error.to_string(),
-                    }
-                })?)
-            }
-            None => None,
-        };
-        match prev {
+        match self.newest_before(i, keys, snapshot)? {
             Some(p) if p.stripe == Some(layout) => {
                 for (c, refs) in p.piece().chunks.iter().enumerate() {
                     have.extend(refs.iter().map(|&r| keys.object(c as u64, r)));
                 }
             }
             // Another layout, or none: what the member holds is listed.
-            _ => have.extend(member.list(&keys.objects())?),
+            _ => have.extend(self.members[i].dest.list(&keys.objects())?),
         }
         self.copy_objects(
             i,
@@ -1027,12 +1051,7 @@ impl Copies {
         bytes: &[u8],
     ) -> Result<(), DestError> {
         if keys.is_manifest(key) {
-            let m = Manifest::decode(bytes).map_err(|e| DestError::Remote {
-                dest: self.url(),
-                op: "put",
-                key: key.to_owned(),
-                why: format!("not a manifest: {e}"),
-            })?;
+            let m = self.manifest_put(key, bytes)?;
             let copied = self.fill(i, keys, &m).map_err(|e| self.copy_error(e))?;
             if copied > 0 {
                 log::info!(
@@ -1626,6 +1645,12 @@ mod tests {
         let m = read_manifest(&both, &keys, 3).unwrap();
         both.route_stripe(&keys, &m).unwrap();
         let gets = fa.gets() + fb.gets();
+        both.route_stripe(&keys, &m).unwrap();
+        assert_eq!(
+            fa.gets() + fb.gets(),
+            gets,
+            "a route learned is not asked again"
+        );
         let out = dir.path().join("r3");
         restore_image(&both, &keys, &m, &out, 2, |_, _| {}).unwrap();
         assert!(std::fs::read(&out).unwrap() == images[2]);
