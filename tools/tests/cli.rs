@@ -550,6 +550,18 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
         common::run(foresnap().args(["verify", "--volume", "v", "--dest", &a, "--dest", &b]));
     assert_eq!(text.matches(", 0 bad").count(), 2, "{text}");
 
+    // Tiering moves whole snapshots from one destination: a piece is
+    // refused, and stays.
+    let slow = format!("file://{}", dir.path().join("slow").display());
+    let e = one_line_error(&[
+        "tier", "--fast", &a, "--slow", &slow, "--volume", "v", "--age", "0s",
+    ]);
+    assert!(
+        e.contains("snapshot 1 is one piece of a stripe over 2"),
+        "{e}"
+    );
+    assert_eq!(chunks_at(&a), [0, 2]);
+
     // A replica follows the stripe from both members; one is refused.
     let replica = dir.path().join("replica");
     let mut c = foresnap();
