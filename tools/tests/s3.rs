@@ -722,6 +722,25 @@ fn mirror_failover(servers: &[&Server]) {
     );
 }
 
+/// `foresnap backup` of `vp` as `volume` (1 MiB chunks) to every one of
+/// `dests` with `--dest-policy POLICY...`: its report.
+fn backup_over(s: &Server, vp: &Path, volume: &str, dests: &[String], policy: &[&str]) -> String {
+    let mut c = s.foresnap();
+    c.args([
+        "backup",
+        "--volume",
+        volume,
+        "--chunk-size",
+        "1M",
+        "--dest-policy",
+    ])
+    .args(policy);
+    for d in dests {
+        c.args(["--dest", d]);
+    }
+    run(c.arg("--backing").arg(vp))
+}
+
 /// `foresnap backup --dest-policy alternate` over both servers and a
 /// directory, three times: snapshot N is complete at the Nth destination
 /// and restores from it alone, bit-exact; `tier` then moves snapshot 1
@@ -734,13 +753,7 @@ fn alternate_and_tier(servers: &[&Server]) {
     let local = format!("file://{}", dir.path().join("dest").display());
     let dests = [servers[0].url("alt"), servers[1].url("alt"), local.clone()];
     for id in 1..=3 {
-        let mut c = servers[0].foresnap();
-        c.args(["backup", "--volume", "alt", "--chunk-size", "1M"])
-            .args(["--dest-policy", "alternate"]);
-        for d in &dests {
-            c.args(["--dest", d]);
-        }
-        let text = run(c.arg("--backing").arg(&vp));
+        let text = backup_over(servers[0], &vp, "alt", &dests, &["alternate"]);
         assert!(
             text.contains(&format!("snapshot {id} uploaded to alternate(")),
             "{text}"
@@ -764,13 +777,9 @@ fn alternate_and_tier(servers: &[&Server]) {
     }
     // Snapshot 1 (at SeaweedFS) is old next to snapshot 4 there: tier it
     // to the directory. The newest at a destination always stays.
-    let mut c = servers[0].foresnap();
-    c.args(["backup", "--volume", "alt", "--chunk-size", "1M"])
-        .args(["--dest-policy", "alternate"]);
-    for d in &dests {
-        c.args(["--dest", d]);
-    }
-    assert!(run(c.arg("--backing").arg(&vp)).contains("snapshot 4 uploaded"));
+    assert!(
+        backup_over(servers[0], &vp, "alt", &dests, &["alternate"]).contains("snapshot 4 uploaded")
+    );
     let slow = format!("file://{}", dir.path().join("slow").display());
     let text = run(servers[0].foresnap().args([
         "tier", "--fast", &dests[0], "--slow", &slow, "--volume", "alt", "--age", "0s",
@@ -815,13 +824,8 @@ fn stripe_over_three(servers: &[&Server]) {
     let local = format!("file://{}", local_dir.display());
     let dests = [servers[0].url("str"), servers[1].url("str"), local.clone()];
     for id in 1..=2 {
-        let mut c = servers[0].foresnap();
-        c.args(["backup", "--volume", "str", "--chunk-size", "1M"])
-            .args(["--dest-policy", "stripe", "--stripe-range", "1M"]);
-        for d in &dests {
-            c.args(["--dest", d]);
-        }
-        let text = run(c.arg("--backing").arg(&vp));
+        let policy = ["stripe", "--stripe-range", "1M"];
+        let text = backup_over(servers[0], &vp, "str", &dests, &policy);
         assert!(
             text.contains(&format!("snapshot {id} uploaded to stripe(")),
             "{text}"
