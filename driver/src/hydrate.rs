@@ -16,9 +16,10 @@
 //! chunks asked for by a request first, on a worker reserved for them (so
 //! a cold read waits for its own fetch, not for background work ahead of
 //! it), the others in ascending order in the background. A fetched chunk is
-//! written (now readable: the queues are woken), the backing store and the caller's write records synced, then
-//! its bit is set in the state file and synced, and only then is it marked
-//! ready in memory and the queues woken. So after a crash the state file
+//! written (now readable: the queues are woken), the backing store and
+//! the caller's write records synced, then its bit is set in the state
+//! file and synced, and only then is it marked ready in memory and the
+//! queues woken again. So after a crash the state file
 //! never claims a chunk whose content is not durable, and a chunk that the
 //! device may have written is never fetched again: restarting the restore
 //! resumes where it was, losing nothing written.
