@@ -52,7 +52,9 @@
 //! workload) do not make their chunk hot. So the planner also learns per
 //! block from its own uploads: a block uploaded before the close and
 //! then uploaded again in the same epoch was rewritten in between. Such a
-//! block is *hot* for the rest of that epoch and the next, and
+//! block is *hot* for the rest of that epoch and the next, and for as
+//! long as it is written again in each epoch after (held back, it is not
+//! uploaded twice, so it could not be learned again), and
 //! [`Planner::select`] leaves it out of early uploads (the rest of its
 //! chunk goes) until the close is as near as the start rule says for the
 //! hot blocks alone: `TS < K * D_hot / B + L`, with `D_hot` the bytes of
@@ -461,11 +463,18 @@ impl Planner {
         // The hot blocks' own start rule (module doc).
         let per_chunk = 1u64 << (map.geometry().chunk_shift - map.geometry().block_shift);
         let mut hot_in: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let mut still_hot = Vec::new();
         for &b in self.hot.union(&self.hot_before) {
             if b < map.blocks() && map.state(b) == foresnap_driver::tracking::BlockState::Dirty {
                 *hot_in.entry(b / per_chunk).or_default() += 1;
+                if !self.hot.contains(&b) {
+                    still_hot.push(b);
+                }
             }
         }
+        // A hot block of the epoch before written again in this one is
+        // still hot: it is held back, so it cannot be learned again.
+        self.hot.extend(still_hot);
         let hot_dirty: u64 = hot_in.values().sum();
         self.hot_lead_s = match input.rate {
             Some(b) if b > 0.0 => {
@@ -570,6 +579,9 @@ mod tests {
     fn write(m: &DirtyMap, block: u64, n: u64) {
         let mut cow = Vec::new();
         m.start_write(block * 4096, n * 4096, &mut cow);
+        for &b in &cow {
+            m.preserved(b); // as the tracker, once the closed content is copied
+        }
         m.write_done(block * 4096, n * 4096);
     }
 
@@ -745,7 +757,8 @@ mod tests {
 
     /// A block uploaded twice in an epoch is hot: left out of early
     /// uploads (the rest of its chunk goes) until the last L seconds, for
-    /// that epoch and the next; forgotten after.
+    /// that epoch and the next, and as long as it is written again in
+    /// each epoch; forgotten after.
     #[test]
     fn blocks_rewritten_after_upload_are_learned_hot() {
         let m = DirtyMap::new(64 * MIB, GEO);
@@ -778,15 +791,29 @@ mod tests {
         assert_eq!(plan.hot_bytes, 2 * 4096, "blocks 3 and 1024");
         i.ts_s = Some(4.0);
         assert_eq!(p.plan(&m, &i, 8).chunks, vec![0, 1]);
-        // The next epoch still knows it; the one after forgets.
+        // The next epoch still knows them; the one after forgets those
+        // not written again in between (block 1024), and keeps those that
+        // were (block 3: held back, it could not be learned again).
+        m.close_epoch();
         let mut i = input(0.0, 30.0, 1.0);
         i.open_epoch = 2;
         p.plan(&m, &i, 1);
-        assert!(p.is_hot(3));
+        assert!(p.is_hot(3) && p.is_hot(1024));
+        write(&m, 3, 1);
+        p.plan(&m, &i, 1);
+        m.close_epoch();
         i.open_epoch = 3;
         p.plan(&m, &i, 1);
-        assert!(!p.is_hot(3));
+        assert!(p.is_hot(3), "rewritten in epoch 2: still hot in 3");
+        assert!(!p.is_hot(1024), "not written in epoch 2: forgotten");
+        m.close_epoch();
+        i.open_epoch = 4;
+        p.plan(&m, &i, 1);
+        i.open_epoch = 5;
+        p.plan(&m, &i, 1);
+        assert!(!p.is_hot(3), "two epochs without a write: forgotten");
         // Eager never holds anything back.
+        write(&m, 0, 8);
         let mut e = Planner::new(
             &m,
             PlanConfig {
