@@ -303,6 +303,11 @@ pub struct SimulateArgs {
     /// Tracking block: the unit of change tracking and upload.
     #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_track_block)]
     pub track_block: u32,
+    /// Tracking chunk: the unit of the heat map and of the write version
+    /// that voids an early upload; a power of two from the tracking block
+    /// to 64M. The daemon tracks 1M chunks: other sizes are for study.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_track_chunk)]
+    pub track_chunk: u32,
     /// Print one JSON object (snapshots and summary) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -886,6 +891,15 @@ fn parse_track_block(s: &str) -> Result<u32, String> {
     u32::try_from(v)
         .ok()
         .filter(|v| v.is_power_of_two() && (lo..=hi).contains(v))
+        .ok_or_else(bad)
+}
+
+fn parse_track_chunk(s: &str) -> Result<u32, String> {
+    let bad = || format!("invalid tracking chunk '{s}': give a power of two from 512 to 64M");
+    let v = parse_size(s).map_err(|_| bad())?;
+    u32::try_from(v)
+        .ok()
+        .filter(|v| v.is_power_of_two() && (512..=64 << 20).contains(v))
         .ok_or_else(bad)
 }
 

@@ -20,10 +20,17 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     let opts = TraceOptions { disk: args.disk };
     let t = trace::read(&args.trace, args.format, &opts)
         .with_context(|| format!("trace {}", args.trace.display()))?;
+    if args.track_chunk < args.track_block {
+        anyhow::bail!(
+            "invalid --track-chunk {}: smaller than the tracking block ({})",
+            args.track_chunk,
+            args.track_block
+        );
+    }
     let mut cfg = SimConfig::new(args.link as f64, args.every.as_secs_f64(), policy);
     cfg.geometry = Geometry {
         block_shift: args.track_block.trailing_zeros(),
-        ..Geometry::default()
+        chunk_shift: args.track_chunk.trailing_zeros(),
     };
     let r = simulate(&t.writes, t.extent, &cfg)?;
     if let Some(path) = &args.timeline {
@@ -45,6 +52,8 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
                 "k": args.plan.k,
                 "l_s": args.plan.l,
                 "pt": args.plan.pt,
+                "track_block": args.track_block,
+                "track_chunk": args.track_chunk,
             },
         });
         writeln!(out, "{v}")?;

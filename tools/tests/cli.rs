@@ -136,6 +136,11 @@ fn simulate_reports_snapshots_and_summary() {
     ] {
         assert!(at_close["summary"][key].is_number(), "summary lacks {key}");
     }
+    assert_eq!(
+        at_close["params"]["track_chunk"],
+        1u64 << foresnap_driver::tracking::Geometry::default().chunk_shift,
+        "the simulator's default chunk is the daemon's"
+    );
     for policy in ["predictive", "oracle"] {
         let v = run(policy);
         let lag = v["summary"]["median_lag_s"].as_f64().unwrap();
@@ -195,6 +200,19 @@ fn simulate_refuses_bad_input_in_one_line() {
     );
     assert!(err(with(&["--link", "1M", "--pt", "3"])).contains("--pt"));
     assert!(err(with(&["--link", "1M", "--format", "csv"])).contains("csv"));
+    for chunk in ["3K", "128M", "big"] {
+        let e = err(with(&["--link", "1M", "--track-chunk", chunk]));
+        assert!(e.contains("invalid tracking chunk"), "{chunk}: {e}");
+    }
+    let e = err(with(&[
+        "--link",
+        "1M",
+        "--track-block",
+        "64K",
+        "--track-chunk",
+        "16K",
+    ]));
+    assert!(e.contains("smaller than the tracking block"), "{e}");
     let bad = dir.path().join("bad.iolog");
     std::fs::write(
         &bad,
