@@ -10,5 +10,9 @@
 
 #[cfg(foresnap_loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+#[cfg(foresnap_loom)]
+pub(crate) use loom::sync::{Mutex, MutexGuard};
 #[cfg(not(foresnap_loom))]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
+#[cfg(not(foresnap_loom))]
+pub(crate) use std::sync::{Mutex, MutexGuard};

@@ -12,7 +12,7 @@ pub mod ring;
 pub mod ring_format;
 pub mod trace;
 
-pub use dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry, WriteMarks};
+pub use dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry, OpenUpload, WriteMarks};
 pub mod tracker;
 
 pub use tracker::{Begin, ClosedSource, Tracker, TrackerConfig};

@@ -35,8 +35,8 @@
 //! `P_over = 1 - exp(-(h / n) * TS)`.
 //!
 //! An upload is also void if *any* write lands on the chunk while its
-//! blocks are read and sent (the chunk version check of
-//! [`DirtyMap::ack_open`]): with `w` writes per second (blocks) over the
+//! blocks are read and sent (the planner still counts it so, though since
+//! [`DirtyMap::begin_open`] only the blocks written are voided): with `w` writes per second (blocks) over the
 //! last sample interval, or since the last sample if that is higher (a
 //! chunk being appended to is busy from its first writes, not from the
 //! next sample, and quiet from the sample after it is full) and an upload
@@ -72,20 +72,6 @@
 //! this code.
 
 use foresnap_driver::tracking::DirtyMap;
-
-/// The runs `(first, last)` of consecutive blocks in `blocks` (ascending):
-/// an upload of some of a chunk's dirty blocks is acknowledged run by run,
-/// so that no block left out is ever taken for uploaded.
-pub fn runs(blocks: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &b in blocks {
-        match out.last_mut() {
-            Some((_, last)) if *last + 1 == b => *last = b,
-            _ => out.push((b, b)),
-        }
-    }
-    out
-}
 
 /// When the open epoch is uploaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -763,7 +749,6 @@ mod tests {
     fn blocks_rewritten_after_upload_are_learned_hot() {
         let m = DirtyMap::new(64 * MIB, GEO);
         let mut p = Planner::new(&m, PlanConfig::default());
-        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 7), (9, 10)]);
         write(&m, 0, 8);
         p.uploaded(1, &[0, 1, 2, 3, 4, 5, 6, 7]);
         p.uploaded(1, &[3]); // written again, uploaded again

@@ -17,10 +17,11 @@
 //!   upload has started and which chunk goes next, from the time to the
 //!   close, the dirty map, its heat map and the throughput sampled from
 //!   the link's transfers by the same [`ThroughputSampler`] the daemon
-//!   uses. A chunk's dirty blocks are read at its chunk version and
-//!   acknowledged with [`DirtyMap::ack_open`] when the transfer ends: a
-//!   write to the chunk meanwhile voids the upload, exactly as in the
-//!   daemon, and its bytes count as sent in vain.
+//!   uses. A chunk's dirty blocks are taken at its chunk version
+//!   ([`DirtyMap::begin_open`]) when the transfer starts and credited
+//!   ([`DirtyMap::ack_open`]) when it ends: a write to a block meanwhile
+//!   voids that block's upload, exactly as in the daemon, and its bytes
+//!   count as sent in vain.
 //! - The oracle knows the future: each block's content is uploaded once
 //!   it is final in its epoch (after its last write before the close), in
 //!   the order they become final, with no byte sent twice. No policy that
@@ -40,10 +41,10 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use foresnap_driver::tracking::{BlockState, DirtyMap, Geometry};
+use foresnap_driver::tracking::{BlockState, DirtyMap, Geometry, OpenUpload};
 
 use crate::link::ThroughputSampler;
-use crate::plan::{PlanConfig, PlanInput, Planner, runs};
+use crate::plan::{PlanConfig, PlanInput, Planner};
 use crate::trace::TraceWrite;
 
 /// Which uploader the simulator runs.
@@ -236,14 +237,8 @@ struct Owed {
 }
 
 enum Transfer {
-    Closed {
-        blocks: Vec<u64>,
-    },
-    Open {
-        epoch: u32,
-        version: u64,
-        blocks: Vec<u64>,
-    },
+    Closed { blocks: Vec<u64> },
+    Open { epoch: u32, up: OpenUpload },
 }
 
 struct InFlight {
@@ -478,17 +473,15 @@ impl<'c> Sim<'c> {
             if blocks.is_empty() {
                 continue;
             }
-            let bytes = blocks.len() as u64 * self.block_bytes;
+            let Some(up) = self.map.begin_open(&blocks, version) else {
+                continue;
+            };
+            if up.blocks.is_empty() {
+                continue;
+            }
+            let bytes = up.blocks.len() as u64 * self.block_bytes;
             let epoch = self.open_epoch;
-            self.launch(
-                now,
-                bytes,
-                Transfer::Open {
-                    epoch,
-                    version,
-                    blocks,
-                },
-            );
+            self.launch(now, bytes, Transfer::Open { epoch, up });
             return;
         }
     }
@@ -518,24 +511,15 @@ impl<'c> Sim<'c> {
                 }
                 self.complete_done(now);
             }
-            Transfer::Open {
-                epoch,
-                version,
-                blocks,
-            } => {
-                // As the daemon (engine::early): credited run by run, only
-                // to the epoch it was read from, while it is open, at an
-                // unchanged chunk version.
+            Transfer::Open { epoch, up } => {
+                // As the daemon (engine::early): credited only to the epoch
+                // it was read from, while it is open, block by block: those
+                // not written since they were taken.
                 let mut credited = Vec::new();
                 if epoch == self.open_epoch {
-                    for (lo, hi) in runs(&blocks) {
-                        if !self.map.ack_open(lo, hi, version) {
-                            break;
-                        }
-                        credited.extend(lo..=hi);
-                    }
+                    self.map.ack_open(&up, &mut credited);
                 }
-                self.voided += (blocks.len() - credited.len()) as u64 * self.block_bytes;
+                self.voided += (up.blocks.len() - credited.len()) as u64 * self.block_bytes;
                 if !credited.is_empty() {
                     self.planner.uploaded(epoch, &credited);
                 }

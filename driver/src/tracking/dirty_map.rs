@@ -1,6 +1,8 @@
 //! The in-memory tracking state: two bits per tracking block, and per chunk
 //! a write version and overwrite statistics. Lock-free: the I/O path uses
-//! only atomic read-modify-writes, never a lock or an allocation.
+//! only atomic read-modify-writes, never a lock or an allocation. (The
+//! uploader keeps the blocks its uploads in flight hold under a lock of
+//! its own, which the I/O path never takes.)
 //!
 //! # States of a block
 //!
@@ -8,14 +10,15 @@
 //! |---|---|---|---|
 //! | `Clean` | content uploaded, or belongs to no epoch still to upload | no | no |
 //! | `Closed` | content on the volume belongs to a closed epoch, not uploaded and not preserved: it must be copied to the preserve area before it is overwritten | yes (closed epoch) | no |
-//! | `Uploaded` | written in the open epoch; its latest content is uploaded | no | yes |
+//! | `Uploaded` | written in the open epoch; its latest content is uploaded, or taken by an upload in flight and not written since | no | yes |
 //! | `Dirty` | written in the open epoch; its latest content is not uploaded | yes | yes |
 //!
 //! `Closed` never coexists with a write of the open epoch: the first such
 //! write preserves the closed content and only then moves the block to
 //! `Dirty`. So two bits say everything, and the map costs 64 MiB per TiB
 //! of volume at 4 KiB blocks, plus 16 bytes per chunk (16 MiB per TiB at
-//! 1 MiB chunks): 80 MiB per TiB.
+//! 1 MiB chunks): 80 MiB per TiB. The blocks held by uploads in flight are
+//! a set beside it (a few thousand at most: the workers times a chunk).
 //!
 //! # Transitions and who makes them
 //!
@@ -25,9 +28,13 @@
 //!   [`DirtyMap::preserved`], `Closed` (or whatever the block became
 //!   since) → `Dirty`, before issuing its data;
 //! - the close of an epoch, [`DirtyMap::close_epoch`], while the caller
-//!   holds writes back: `Dirty` → `Closed`, `Uploaded` → `Clean`;
-//! - the uploader: [`DirtyMap::ack_open`] `Dirty` → `Uploaded` for content
-//!   read from the open epoch, [`DirtyMap::ack_closed`] `Closed` → `Clean`.
+//!   holds writes back: `Dirty` → `Closed`, `Uploaded` → `Clean`, but
+//!   `Uploaded` blocks an upload still holds → `Closed`;
+//! - the uploader: [`DirtyMap::begin_open`] `Dirty` → `Uploaded` (held)
+//!   before reading the open epoch's content, [`DirtyMap::ack_open`]
+//!   credits those still `Uploaded` once stored (releasing them),
+//!   [`DirtyMap::abort_open`] `Uploaded` → `Dirty` if storing failed;
+//!   [`DirtyMap::ack_closed`] `Closed` → `Clean`.
 //!
 //! # Why it is correct
 //!
@@ -39,17 +46,21 @@
 //!    `seq << 20 | in_flight`. A write bumps both (one `fetch_add`) before
 //!    it marks its blocks, and decrements `in_flight` once its data is on
 //!    the backing store ([`DirtyMap::write_done`]). The uploader takes
-//!    [`DirtyMap::chunk_version`] (none while a write is in flight), reads,
-//!    uploads, and acknowledges with that version. `ack_open` moves the
+//!    [`DirtyMap::chunk_version`] (none while a write is in flight: every
+//!    earlier write's data is then on the volume). `begin_open` moves the
 //!    blocks `Dirty` → `Uploaded` and *then* reloads the version: if it
 //!    moved, a write started meanwhile and the blocks go back to `Dirty`.
 //!    If the writer's marking CAS came after the uploader's in the word's
-//!    modification order, it leaves `Dirty` by itself; if it came before,
-//!    the uploader's acquiring CAS read the writer's releasing CAS, so the
-//!    writer's earlier version bump is visible to the reload. Either way
-//!    the block ends `Dirty`: content written after the read is never
-//!    marked uploaded. (Writes to other blocks of the chunk also revert
-//!    the acknowledgement: a spurious re-upload, never a lost one.)
+//!    modification order, it moves the block back to `Dirty` itself; if
+//!    it came before, the uploader's acquiring CAS read the writer's
+//!    releasing CAS, so the writer's earlier version bump is visible to
+//!    the reload. Only then does the uploader read the blocks, store
+//!    them, and credit with `ack_open` those still `Uploaded`: a write
+//!    that lands on a block after it was taken leaves it `Dirty`, so
+//!    content written after the read is never marked uploaded, and a
+//!    write to another block of the chunk voids nothing. A block is held
+//!    by one upload at a time (another upload's `begin_open` leaves it
+//!    out), so no other upload's read can be credited for it.
 //! 2. *Closed content overwritten.* A write never moves a `Closed` block;
 //!    the preserve step does, after the copy is durable in the preserve
 //!    area. The uploader reads a `Closed` block from the volume and checks
@@ -63,14 +74,20 @@
 //! 3. *The close.* The caller of [`DirtyMap::close_epoch`] guarantees that
 //!    no write is between `start_write` and `write_done` and that none
 //!    starts until it returns (the epoch switch holds new writes back), so
-//!    only uploader acknowledgements race with it, and those are CASes on
-//!    the same words.
+//!    only the uploader races with it, and it takes the uploader's lock:
+//!    an upload's blocks are held when the close comes (→ `Closed`, owed
+//!    to the closed epoch, its `ack_open` crediting nothing: each upload
+//!    carries the generation it began in) or not (credited before it, or
+//!    given back).
 //!
 //! The loom models at the bottom check 1 and 2 exhaustively for small
-//! interleavings; the proptest checks the state machine against a plain
-//! reference model.
+//! interleavings; the proptest checks the state machine, uploads in
+//! flight across writes and closes included, against a plain reference
+//! model.
 
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use std::collections::HashMap;
+
+use crate::sync::{AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Blocks per state word: 2 bits each.
 const PER_WORD: u64 = 32;
@@ -218,6 +235,27 @@ pub struct DirtyMap {
     blocks: u64,
     words: Box<[AtomicU64]>,
     chunks: Box<[ChunkStats]>,
+    /// The uploader's side only (never the I/O path): the open epoch's
+    /// blocks taken by an upload in flight ([`DirtyMap::begin_open`]),
+    /// each with the generation it was taken in (bumped by every close).
+    taken: Mutex<Taken>,
+}
+
+#[derive(Debug, Default)]
+struct Taken {
+    generation: u64,
+    blocks: HashMap<u64, u64>,
+}
+
+/// Blocks of the open epoch an upload took ([`DirtyMap::begin_open`]):
+/// `Uploaded` while no write lands on them. Hand it back to
+/// [`DirtyMap::ack_open`] once stored, or to [`DirtyMap::abort_open`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenUpload {
+    generation: u64,
+    /// The blocks taken, ascending: read their content after
+    /// `begin_open` returned.
+    pub blocks: Vec<u64>,
 }
 
 /// What [`DirtyMap::start_write`] found.
@@ -244,6 +282,7 @@ impl DirtyMap {
             blocks,
             words: (0..nwords).map(|_| AtomicU64::new(0)).collect(),
             chunks: (0..nchunks).map(|_| ChunkStats::default()).collect(),
+            taken: Mutex::new(Taken::default()),
         }
     }
 
@@ -291,6 +330,17 @@ impl DirtyMap {
     /// Applies `f` to the 2-bit state of every block of `[first, last]`
     /// that lies in word `w`, as one CAS; returns the word before.
     fn update_word(&self, w: usize, first: u64, last: u64, f: impl Fn(u64) -> u64) -> u64 {
+        self.update_word_with(w, first, last, |_, s| f(s))
+    }
+
+    /// [`DirtyMap::update_word`] with `f(block, state)`.
+    fn update_word_with(
+        &self,
+        w: usize,
+        first: u64,
+        last: u64,
+        f: impl Fn(u64, u64) -> u64,
+    ) -> u64 {
         let base = w as u64 * PER_WORD;
         let lo = first.max(base) - base;
         let hi = last.min(base + PER_WORD - 1) - base;
@@ -300,7 +350,7 @@ impl DirtyMap {
             let mut new = old;
             for i in lo..=hi {
                 let s = (old >> (2 * i)) & 3;
-                new = (new & !(3 << (2 * i))) | (f(s) << (2 * i));
+                new = (new & !(3 << (2 * i))) | (f(base + i, s) << (2 * i));
             }
             // Even an unchanged word is CASed: the read-modify-write puts
             // this transition in the word's modification order, which is
@@ -410,32 +460,107 @@ impl DirtyMap {
         (v & INFLIGHT_MASK == 0).then_some(v >> INFLIGHT_BITS)
     }
 
-    /// Uploader: blocks `[first, last]` of one chunk were read at `version`
-    /// and uploaded. Marks them `Uploaded` unless a write started since, in
-    /// which case they stay (or go back to) `Dirty` and `false` is
-    /// returned: upload them again.
-    pub fn ack_open(&self, first: u64, last: u64, version: u64) -> bool {
-        let chunk = first >> (self.geo.chunk_shift - self.geo.block_shift);
-        let Ok(c) = usize::try_from(chunk) else {
-            return false;
+    /// Uploader, before reading: takes those of `blocks` (ascending, of
+    /// one chunk) that are `Dirty` for an upload: `Dirty` → `Uploaded`,
+    /// remembered as in flight. `None` if the chunk is not at `version`
+    /// (from [`DirtyMap::chunk_version`]) any more: a write started since,
+    /// take the version again. Blocks another upload holds are left out.
+    /// Read the taken blocks' content after this returns; a write that
+    /// lands on one meanwhile moves it back to `Dirty` (module doc, 1).
+    pub fn begin_open(&self, blocks: &[u64], version: u64) -> Option<OpenUpload> {
+        let per_chunk_shift = self.geo.chunk_shift - self.geo.block_shift;
+        let first = *blocks.first()?;
+        let chunk = first >> per_chunk_shift;
+        let c = &self.chunks[usize::try_from(chunk).ok()?];
+        let same = || c.version.load(Ordering::Acquire) == version << INFLIGHT_BITS;
+        if !same() {
+            return None;
+        }
+        let mut taken = lock(&self.taken);
+        let mut up = OpenUpload {
+            generation: taken.generation,
+            blocks: Vec::new(),
         };
-        let same = |c: &ChunkStats| c.version.load(Ordering::Acquire) == version << INFLIGHT_BITS;
-        if !same(&self.chunks[c]) {
-            return false;
+        let held = &taken.blocks;
+        let mut rest = blocks
+            .iter()
+            .copied()
+            .filter(|&b| b < self.blocks && b >> per_chunk_shift == chunk)
+            .peekable();
+        while let Some(&b0) = rest.peek() {
+            // The wanted blocks of one state word, as a mask of its slots.
+            let (w, _) = locate(b0);
+            let base = w as u64 * PER_WORD;
+            let mut want = 0u64;
+            let mut hi = b0;
+            while let Some(&b) = rest.peek().filter(|&&b| b < base + PER_WORD) {
+                if !held.contains_key(&b) {
+                    want |= 1 << (b - base);
+                }
+                hi = b;
+                rest.next();
+            }
+            let wanted = |b: u64| want & (1 << (b - base)) != 0;
+            let old =
+                self.update_word_with(w, b0, hi, |b, s| if s == 3 && wanted(b) { 2 } else { s });
+            for b in b0..=hi {
+                if wanted(b) && (old >> (2 * (b - base))) & 3 == 3 {
+                    up.blocks.push(b);
+                }
+            }
         }
-        let (w0, w1) = (locate(first).0, locate(last).0);
-        for w in w0..=w1 {
-            self.update_word(w, first, last, |s| if s == 3 { 2 } else { s });
+        if !same() {
+            // A write started between the check and our transition: undo,
+            // so that its content is not taken for read (module doc, 1).
+            for &b in &up.blocks {
+                let (w, _) = locate(b);
+                self.update_word(w, b, b, |s| if s == 2 { 3 } else { s });
+            }
+            return None;
         }
-        if same(&self.chunks[c]) {
-            return true;
+        for &b in &up.blocks {
+            taken.blocks.insert(b, up.generation);
         }
-        // A write started between the check and our transition: undo, so
-        // that its content is not taken for uploaded (module doc, 1).
-        for w in w0..=w1 {
-            self.update_word(w, first, last, |s| if s == 2 { 3 } else { s });
+        Some(up)
+    }
+
+    /// Uploader: the blocks `up` took are stored at the destination.
+    /// Pushes onto `credited` those still `Uploaded`: no write landed on
+    /// them since they were taken, so what was read is their latest
+    /// content. The others were written meanwhile and are `Dirty` again:
+    /// upload them again. Nothing is credited after a close (the close
+    /// turned the blocks in flight into `Closed`). Not concurrently with
+    /// [`DirtyMap::close_epoch`].
+    pub fn ack_open(&self, up: &OpenUpload, credited: &mut Vec<u64>) {
+        let mut taken = lock(&self.taken);
+        if taken.generation != up.generation {
+            return;
         }
-        false
+        for &b in &up.blocks {
+            if taken.blocks.remove(&b).is_some() && self.state(b) == BlockState::Uploaded {
+                credited.push(b);
+            }
+        }
+    }
+
+    /// Uploader: the upload of the blocks `up` took failed: those still
+    /// `Uploaded` go back to `Dirty`.
+    pub fn abort_open(&self, up: &OpenUpload) {
+        let mut taken = lock(&self.taken);
+        if taken.generation != up.generation {
+            return;
+        }
+        for &b in &up.blocks {
+            if taken.blocks.remove(&b).is_some() {
+                let (w, _) = locate(b);
+                self.update_word(w, b, b, |s| if s == 2 { 3 } else { s });
+            }
+        }
+    }
+
+    /// Blocks of the open epoch taken by uploads in flight.
+    pub fn open_in_flight(&self) -> usize {
+        lock(&self.taken).blocks.len()
     }
 
     /// Uploader: `block`'s closed content is uploaded. `Closed` → `Clean`;
@@ -446,9 +571,15 @@ impl DirtyMap {
     }
 
     /// Closes the open epoch: returns its changed blocks and moves `Dirty`
-    /// → `Closed`, `Uploaded` → `Clean`. The caller guarantees that no write
-    /// is in flight and none starts until this returns (module doc, 3).
+    /// → `Closed`, `Uploaded` → `Clean`, but `Uploaded` blocks an upload
+    /// still holds ([`DirtyMap::begin_open`]) → `Closed`: their upload is
+    /// not credited, so their content is owed to the closed epoch. The
+    /// caller guarantees that no write is in flight and none starts until
+    /// this returns (module doc, 3).
     pub fn close_epoch(&self) -> ChangedSet {
+        let mut taken = lock(&self.taken);
+        let held = std::mem::take(&mut taken.blocks);
+        taken.generation += 1;
         let mut set = ChangedSet::default();
         for (w, word) in self.words.iter().enumerate() {
             if word.load(Ordering::Acquire) & 0xAAAA_AAAA_AAAA_AAAA == 0 {
@@ -457,8 +588,9 @@ impl DirtyMap {
             }
             let base = w as u64 * PER_WORD;
             let last = (base + PER_WORD - 1).min(self.blocks - 1);
-            let old = self.update_word(w, base, last, |s| match s {
+            let old = self.update_word_with(w, base, last, |b, s| match s {
                 3 => 1,
+                2 if held.contains_key(&b) => 1,
                 2 => 0,
                 s => s,
             });
@@ -565,6 +697,12 @@ impl DirtyMap {
 }
 
 /// Word index and bit shift of `block`.
+/// The uploader's lock: nothing it guards is left half-changed by a
+/// panic, so a poisoned lock is taken as it is.
+fn lock(m: &Mutex<Taken>) -> MutexGuard<'_, Taken> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn locate(block: u64) -> (usize, u64) {
     (
         usize::try_from(block / PER_WORD).unwrap_or(usize::MAX),
@@ -580,6 +718,15 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     const MIB: u64 = 1 << 20;
+
+    /// Takes `blocks` at `version` and acknowledges them at once: the
+    /// credited blocks, or `None` if the version moved.
+    fn upload(m: &DirtyMap, blocks: &[u64], version: u64) -> Option<Vec<u64>> {
+        let up = m.begin_open(blocks, version)?;
+        let mut credited = Vec::new();
+        m.ack_open(&up, &mut credited);
+        Some(credited)
+    }
 
     #[test]
     fn budget_is_80_mib_per_tib() {
@@ -619,7 +766,7 @@ mod tests {
             m.close_epoch();
             write(1, 3, &mut cow);
             let v = m.chunk_version(0).unwrap();
-            assert!(m.ack_open(1, 3, v));
+            assert_eq!(upload(&m, &[1, 2, 3], v), Some(vec![1, 2, 3]));
             write(1, 1, &mut cow);
             write(3, 1, &mut cow);
             let last = m.blocks() - 1;
@@ -640,6 +787,52 @@ mod tests {
             m.dirty_blocks(m.chunks() + 5, &mut out);
             assert_eq!(m.dirty_count(m.chunks() + 5), 0, "past the end: none");
         }
+    }
+
+    /// Uploads in flight, block by block: a write voids only the blocks
+    /// it writes; a block is held by one upload at a time; a failed upload
+    /// gives its blocks back; a close makes the blocks still in flight
+    /// `Closed` (owed to the closed epoch) and nothing of it is credited
+    /// after.
+    #[test]
+    fn uploads_in_flight_block_by_block() {
+        let m = DirtyMap::new(64 * MIB, Geometry::default());
+        let mut cow = Vec::new();
+        let write = |b: u64, n: u64, cow: &mut Vec<u64>| {
+            m.start_write(b * 4096, n * 4096, cow);
+            m.write_done(b * 4096, n * 4096);
+        };
+        write(0, 6, &mut cow);
+        let v = m.chunk_version(0).unwrap();
+        let a = m.begin_open(&[0, 1, 2], v).unwrap();
+        assert_eq!(a.blocks, vec![0, 1, 2]);
+        assert_eq!(m.open_in_flight(), 3);
+        let b = m.begin_open(&[2, 3, 4], v).unwrap();
+        assert_eq!(b.blocks, vec![3, 4], "block 2 is held by the first");
+        write(1, 1, &mut cow); // lands on a taken block
+        let mut credited = Vec::new();
+        m.ack_open(&a, &mut credited);
+        assert_eq!(credited, vec![0, 2], "block 1 was written meanwhile");
+        assert_eq!(m.state(1), BlockState::Dirty);
+        m.abort_open(&b);
+        assert_eq!(m.state(3), BlockState::Dirty, "given back");
+        assert_eq!(m.open_in_flight(), 0);
+        // A close with an upload in flight.
+        let v = m.chunk_version(0).unwrap();
+        let c = m.begin_open(&[1, 3], v).unwrap();
+        let set = m.close_epoch();
+        assert_eq!(set.runs(), &[(0, 6)]);
+        assert_eq!(m.state(0), BlockState::Clean, "credited before the close");
+        assert_eq!(m.state(1), BlockState::Closed, "in flight: owed");
+        assert_eq!(m.state(5), BlockState::Closed);
+        m.ack_open(&c, &mut credited);
+        assert_eq!(credited, vec![0, 2], "nothing credited after the close");
+        m.abort_open(&c);
+        assert_eq!(
+            m.state(1),
+            BlockState::Closed,
+            "a late abort changes nothing"
+        );
     }
 
     #[test]
@@ -665,10 +858,10 @@ mod tests {
         assert_eq!(marks.overwrites, 1);
         m.write_done(8192, 4096);
         // The version taken before that write is stale now.
-        assert!(!m.ack_open(1, 2, v));
+        assert_eq!(m.begin_open(&[1, 2], v), None);
         assert_eq!(m.state(1), BlockState::Dirty);
         let v = m.chunk_version(0).unwrap();
-        assert!(m.ack_open(1, 1, v));
+        assert_eq!(upload(&m, &[1], v), Some(vec![1]));
         assert_eq!(m.state(1), BlockState::Uploaded);
 
         let set = m.close_epoch();
@@ -742,7 +935,9 @@ mod tests {
     enum Step {
         Write { first: u64, count: u64 },
         Close,
-        UploadOpen { first: u64, count: u64 },
+        BeginOpen { first: u64, count: u64 },
+        AckOpen { pick: usize },
+        AbortOpen { pick: usize },
         UploadClosed { pick: usize },
     }
 
@@ -768,7 +963,9 @@ mod tests {
         prop_oneof![
             4 => (0u64..96, 1u64..12).prop_map(|(first, count)| Step::Write { first, count }),
             1 => Just(Step::Close),
-            2 => (0u64..96, 1u64..12).prop_map(|(first, count)| Step::UploadOpen { first, count }),
+            2 => (0u64..96, 1u64..12).prop_map(|(first, count)| Step::BeginOpen { first, count }),
+            2 => any::<usize>().prop_map(|pick| Step::AckOpen { pick }),
+            1 => any::<usize>().prop_map(|pick| Step::AbortOpen { pick }),
             2 => any::<usize>().prop_map(|pick| Step::UploadClosed { pick }),
         ]
     }
@@ -788,6 +985,9 @@ mod tests {
             let mut closed: Vec<BTreeMap<u64, u64>> = Vec::new();
             // Preserved closed content: (epoch, block) -> version.
             let mut preserve: BTreeMap<(usize, u64), u64> = BTreeMap::new();
+            // Open-epoch uploads in flight: what they took, the content
+            // they read, and the epoch they read it in.
+            let mut flights: Vec<(OpenUpload, BTreeMap<u64, u64>, usize)> = Vec::new();
             for s in steps {
                 match s {
                     Step::Write { first, count } => {
@@ -827,21 +1027,53 @@ mod tests {
                         closed.push(need);
                         open.clear();
                     }
-                    Step::UploadOpen { first, count } => {
+                    Step::BeginOpen { first, count } => {
                         let last = (first + count - 1).min(BLOCKS - 1);
                         let chunk = first >> 4;
                         let last = last.min(chunk * 16 + 15);
-                        if let Some(v) = m.chunk_version(chunk) {
-                            // Read now (no write in flight), ack at once.
-                            let read: Vec<(u64, u64)> = (first..=last)
-                                .filter(|&b| m.state(b) == BlockState::Dirty)
-                                .map(|b| (b, content[b as usize])).collect();
-                            if m.ack_open(first, last, v) {
-                                for (b, ver) in read {
-                                    uploaded.insert(b, ver);
-                                }
-                            }
+                        let v = m.chunk_version(chunk).expect("no write in flight here");
+                        let blocks: Vec<u64> = (first..=last).collect();
+                        // A close releases the blocks of the uploads before it.
+                        let held: BTreeSet<u64> = flights
+                            .iter()
+                            .filter(|f| f.2 == closed.len())
+                            .flat_map(|f| f.0.blocks.iter().copied())
+                            .collect();
+                        let want: Vec<u64> = blocks
+                            .iter()
+                            .copied()
+                            .filter(|&b| m.state(b) == BlockState::Dirty && !held.contains(&b))
+                            .collect();
+                        let up = m.begin_open(&blocks, v).expect("the version did not move");
+                        // Exactly the dirty blocks no other upload holds.
+                        proptest::prop_assert_eq!(&up.blocks, &want);
+                        // Read after taking them.
+                        let read = up.blocks.iter().map(|&b| (b, content[b as usize])).collect();
+                        flights.push((up, read, closed.len()));
+                    }
+                    Step::AckOpen { pick } => {
+                        if flights.is_empty() {
+                            continue;
                         }
+                        let (up, read, epoch) = flights.remove(pick % flights.len());
+                        let mut credited = Vec::new();
+                        m.ack_open(&up, &mut credited);
+                        if epoch != closed.len() {
+                            proptest::prop_assert!(credited.is_empty(), "credited after a close");
+                        }
+                        for b in credited {
+                            // Invariant: only content still the latest is
+                            // taken for uploaded.
+                            proptest::prop_assert_eq!(read[&b], content[b as usize], "block {}", b);
+                            uploaded.insert(b, read[&b]);
+                        }
+                    }
+                    Step::AbortOpen { pick } => {
+                        if flights.is_empty() {
+                            continue;
+                        }
+                        let (up, _, _) = flights.remove(pick % flights.len());
+                        m.abort_open(&up);
                     }
                     Step::UploadClosed { pick } => {
                         if closed.is_empty() {
@@ -871,8 +1103,16 @@ mod tests {
                     proptest::prop_assert_eq!(st.changed_in_epoch(), open.contains(&b), "block {}", b);
                     let needed = needing_epoch(&closed, &preserve, &content, b).is_some();
                     proptest::prop_assert_eq!(st == BlockState::Closed, needed, "block {}", b);
+                    let flying = flights
+                        .iter()
+                        .find(|f| f.2 == closed.len() && f.0.blocks.contains(&b));
                     if st == BlockState::Uploaded {
-                        proptest::prop_assert_eq!(uploaded.get(&b), Some(&content[b as usize]));
+                        // Uploaded, or taken and not written since.
+                        let have = match flying {
+                            Some(f) => f.1.get(&b),
+                            None => uploaded.get(&b),
+                        };
+                        proptest::prop_assert_eq!(have, Some(&content[b as usize]), "block {}", b);
                     }
                 }
             }
@@ -896,29 +1136,68 @@ mod loom_models {
         ))
     }
 
-    /// Module doc, 1: an upload acknowledged concurrently with a write
-    /// never leaves the written block `Uploaded`.
+    /// Module doc, 1: an upload that takes a block concurrently with a
+    /// write to it never credits the written content: the block ends
+    /// `Dirty`, and only a block taken after the write's data is on the
+    /// volume can be credited (then the write was before the read).
     #[test]
-    fn ack_open_races_a_write() {
+    fn begin_open_races_a_write() {
         loom::model(|| {
             let m = map();
             let mut cow = Vec::new();
             m.start_write(0, 4096, &mut cow);
             m.write_done(0, 4096);
             let v = m.chunk_version(0).unwrap();
+            // The volume content: 1 before the write, 2 after.
+            let volume = Arc::new(AtomicU64::new(1));
+            let w = {
+                let (m, volume) = (m.clone(), volume.clone());
+                thread::spawn(move || {
+                    let mut cow = Vec::new();
+                    m.start_write(0, 4096, &mut cow);
+                    volume.store(2, Ordering::Release);
+                    m.write_done(0, 4096);
+                })
+            };
+            let mut credited = Vec::new();
+            let mut read = 0;
+            if let Some(up) = m.begin_open(&[0], v) {
+                read = volume.load(Ordering::Acquire);
+                m.ack_open(&up, &mut credited);
+            }
+            w.join().unwrap();
+            // The second write's content was never read as credited: the
+            // block must be pending whatever the interleaving.
+            assert_eq!(m.state(0), BlockState::Dirty, "credited={credited:?}");
+            assert!(credited.is_empty() || read == 1, "read {read}");
+        });
+    }
+
+    /// Module doc, 1, block by block: a write to another block of the
+    /// chunk during the upload leaves the taken block credited.
+    #[test]
+    fn a_write_to_another_block_leaves_the_taken_one_credited() {
+        loom::model(|| {
+            let m = map();
+            let mut cow = Vec::new();
+            m.start_write(0, 4096, &mut cow);
+            m.write_done(0, 4096);
+            let v = m.chunk_version(0).unwrap();
+            let up = m.begin_open(&[0], v).unwrap();
             let w = {
                 let m = m.clone();
                 thread::spawn(move || {
                     let mut cow = Vec::new();
-                    m.start_write(0, 4096, &mut cow);
-                    m.write_done(0, 4096);
+                    m.start_write(4096, 4096, &mut cow);
+                    m.write_done(4096, 4096);
                 })
             };
-            let acked = m.ack_open(0, 0, v);
+            let mut credited = Vec::new();
+            m.ack_open(&up, &mut credited);
             w.join().unwrap();
-            // The second write's content was never read by the uploader:
-            // the block must be pending whatever the interleaving.
-            assert_eq!(m.state(0), BlockState::Dirty, "acked={acked}");
+            assert_eq!(credited, vec![0]);
+            assert_eq!(m.state(0), BlockState::Uploaded);
+            assert_eq!(m.state(1), BlockState::Dirty);
         });
     }
 

@@ -80,7 +80,7 @@ use super::gate::EpochGate;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry};
+use super::dirty_map::{BlockState, ChangedSet, DirtyMap, Geometry, OpenUpload};
 use super::ring::{RingError, RingFull, WriteRing};
 use super::ring_format::{BitmapPage, MAX_RECORD_LEN, RecordKind, Recovered};
 
@@ -707,7 +707,7 @@ impl Tracker {
     }
 
     /// The in-memory map: the uploader's view of the open epoch
-    /// ([`DirtyMap::chunk_version`], [`DirtyMap::ack_open`], heat).
+    /// ([`DirtyMap::chunk_version`], dirty blocks, heat).
     pub fn map(&self) -> &DirtyMap {
         &self.map
     }
@@ -1055,8 +1055,8 @@ impl Tracker {
     }
 
     /// Uploader, before the close: reads the volume's current content of
-    /// `block` into `buf` (one tracking block). Take
-    /// [`DirtyMap::chunk_version`] before and hand it to
+    /// `block` into `buf` (one tracking block). Take the block with
+    /// [`Tracker::begin_open`] before, and credit it with
     /// [`Tracker::ack_open`] after storing the content: only then is it
     /// known to be the block's latest.
     pub fn read_open(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -1070,16 +1070,40 @@ impl Tracker {
         read_block(&self.volume, buf, block * self.block_bytes)
     }
 
-    /// Uploader, before the close: blocks `[first, last]` of one chunk,
-    /// read at chunk version `version` while `epoch` was open, are stored
-    /// at the destination. Marks them uploaded ([`DirtyMap::ack_open`])
-    /// if `epoch` is still the open epoch and no write started on the
-    /// chunk since; `false` otherwise (the stored copy must not be
-    /// credited: the blocks stay pending). Serialized with closes, so the
-    /// credit never lands in the wrong epoch.
-    pub fn ack_open(&self, epoch: u32, first: u64, last: u64, version: u64) -> bool {
+    /// Uploader, before the close: takes those of `blocks` (one chunk's,
+    /// ascending) that are dirty for an upload of open epoch `epoch`, at
+    /// the chunk's `version` from [`DirtyMap::chunk_version`]
+    /// ([`DirtyMap::begin_open`]). `None` if `epoch` is not open any more
+    /// or a write started on the chunk since the version was taken.
+    /// Serialized with closes.
+    pub fn begin_open(&self, epoch: u32, blocks: &[u64], version: u64) -> Option<OpenUpload> {
         let _serial = lock(&self.close_lock);
-        self.open_epoch() == epoch && self.map.ack_open(first, last, version)
+        if self.open_epoch() != epoch {
+            return None;
+        }
+        self.map.begin_open(blocks, version)
+    }
+
+    /// Uploader, before the close: the blocks `up` took for `epoch` are
+    /// stored at the destination. Pushes onto `credited` those whose
+    /// stored content is still their latest ([`DirtyMap::ack_open`]), if
+    /// `epoch` is still the open epoch; the others stay pending and the
+    /// stored copy of them must not be credited. Serialized with closes,
+    /// so the credit never lands in the wrong epoch.
+    pub fn ack_open(&self, epoch: u32, up: &OpenUpload, credited: &mut Vec<u64>) {
+        let _serial = lock(&self.close_lock);
+        if self.open_epoch() == epoch {
+            self.map.ack_open(up, credited);
+        }
+    }
+
+    /// Uploader: storing the blocks `up` took for `epoch` failed; they are
+    /// pending again ([`DirtyMap::abort_open`]).
+    pub fn abort_open(&self, epoch: u32, up: &OpenUpload) {
+        let _serial = lock(&self.close_lock);
+        if self.open_epoch() == epoch {
+            self.map.abort_open(up);
+        }
     }
 
     /// The uploader has `block`'s content of `epoch` durably at its

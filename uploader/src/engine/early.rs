@@ -12,16 +12,18 @@
 //! chunk's dirty blocks as *parts* ([`crate::restore::store_part`]):
 //!
 //! 1. take the chunk's version ([`DirtyMap::chunk_version`]; none while a
-//!    write to it is in flight: skip it this round) and its dirty blocks;
+//!    write to it is in flight: skip it this round) and its dirty blocks,
+//!    and take those blocks for this upload ([`Tracker::begin_open`]);
 //! 2. read them from the volume ([`Tracker::read_open`]);
 //! 3. store them as a part under a fresh part number (an existing key is
 //!    never taken over: it may hold content stored before a crash);
-//! 4. acknowledge with [`Tracker::ack_open`]: only if the epoch is still
-//!    open and no write started on the chunk since the version was taken
-//!    are the blocks marked uploaded and the part kept for the snapshot;
-//!    otherwise the part is deleted (nothing references it) and its blocks
-//!    stay dirty, to be uploaded again. Content written after the read is
-//!    thus never taken for uploaded (the dirty map's module doc, 1).
+//! 4. acknowledge with [`Tracker::ack_open`]: if the epoch is still open,
+//!    the blocks no write landed on since step 1 are credited, and the
+//!    part is kept for the snapshot with those blocks only; the others
+//!    stay dirty, to be uploaded again, and a part left with none is
+//!    deleted (nothing references it). Content written after the read is
+//!    thus never taken for uploaded (the dirty map's module doc, 1). If
+//!    storing fails, the blocks are given back ([`Tracker::abort_open`]).
 //!
 //! At the close, [`Uploader::upload_next`] takes the epoch's parts into
 //! its manifest and stores only the blocks changed since (the blocks a
@@ -39,12 +41,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use foresnap_driver::tracking::Tracker;
+use foresnap_driver::tracking::{OpenUpload, Tracker};
 
 use super::{Part, UploadError, Uploader, lock, pool};
 use crate::dest::DestError;
 use crate::format::ObjectRef;
-use crate::plan::{Plan, PlanInput, Planner, runs};
+use crate::plan::{Plan, PlanInput, Planner};
 use crate::restore::store_part;
 use crate::schedule::{Schedule, Zone};
 
@@ -339,7 +341,6 @@ impl Uploader {
     ) -> Result<Vec<(u64, Part)>, UploadError> {
         let map = self.tracker.map();
         let geo = map.geometry();
-        let bs = 1usize << geo.block_shift;
         // Object chunks may be larger or smaller than the map's chunks.
         let per_object = u64::from(self.chunk_bytes >> geo.block_shift);
         let per_map = 1u64 << (geo.chunk_shift - geo.block_shift);
@@ -360,13 +361,46 @@ impl Uploader {
         if dirty.is_empty() {
             return Ok(Vec::new()); // only hot blocks: later
         }
-        for (j, &b) in dirty.iter().enumerate() {
+        // Taken before the read: a write landing on a block from here on
+        // keeps that block (only) from being credited.
+        let Some(up) = self.tracker.begin_open(epoch, &dirty, version) else {
+            return Ok(Vec::new()); // a write started, or the close came: next round
+        };
+        if up.blocks.is_empty() {
+            return Ok(Vec::new()); // another upload holds them
+        }
+        let parts = match self.put_taken(epoch, &up.blocks, buf, next_part) {
+            Ok(p) => p,
+            Err(e) => {
+                self.tracker.abort_open(epoch, &up);
+                return Err(e);
+            }
+        };
+        let mut credited = Vec::new();
+        self.tracker.ack_open(epoch, &up, &mut credited);
+        Ok(self.keep_credited(parts, &credited, deadlines))
+    }
+
+    /// Reads the taken `blocks` (one map chunk's) and stores them as parts,
+    /// one per object chunk they fall in; returns the parts by object
+    /// chunk and the bytes sent.
+    fn put_taken(
+        &self,
+        epoch: u32,
+        blocks: &[u64],
+        buf: &mut [u8],
+        next_part: &AtomicU32,
+    ) -> Result<(Vec<(u64, Part)>, u64), UploadError> {
+        let geo = self.tracker.map().geometry();
+        let bs = 1usize << geo.block_shift;
+        let per_object = u64::from(self.chunk_bytes >> geo.block_shift);
+        for (j, &b) in blocks.iter().enumerate() {
             self.tracker
                 .read_open(b, &mut buf[j * bs..(j + 1) * bs])
                 .map_err(UploadError::ReadOpen)?;
         }
         let mut groups: BTreeMap<u64, Vec<(u32, &[u8])>> = BTreeMap::new();
-        for (j, &b) in dirty.iter().enumerate() {
+        for (j, &b) in blocks.iter().enumerate() {
             let idx = u32::try_from(b % per_object).unwrap_or(u32::MAX);
             groups
                 .entry(b / per_object)
@@ -388,32 +422,39 @@ impl Uploader {
                 },
             ));
         }
-        // Run by run: blocks left out (hot ones) are never credited.
-        let mut credited = std::collections::HashSet::new();
-        for (lo, hi) in runs(&dirty) {
-            if self.tracker.ack_open(epoch, lo, hi, version) {
-                credited.extend(lo..=hi);
-            } else {
-                break; // the version moved: no later run can pass
-            }
+        Ok((parts, sent))
+    }
+
+    /// Keeps of `parts` the `credited` blocks (volume block numbers); a
+    /// part left with none is deleted (nothing references it). Counts the
+    /// bytes sent as early or voided, in proportion.
+    fn keep_credited(
+        &self,
+        (mut parts, sent): (Vec<(u64, Part)>, u64),
+        credited: &[u64],
+        deadlines: &Deadlines,
+    ) -> Vec<(u64, Part)> {
+        let per_object = u64::from(self.chunk_bytes >> self.tracker.map().geometry().block_shift);
+        let credited: std::collections::HashSet<u64> = credited.iter().copied().collect();
+        let total: usize = parts.iter().map(|(_, p)| p.blocks.len()).sum();
+        for (c, p) in &mut parts {
+            p.blocks
+                .retain(|&i| credited.contains(&(*c * per_object + u64::from(i))));
         }
-        if !credited.is_empty() {
-            deadlines.sent_early.fetch_add(sent, Ordering::Relaxed);
-            for (c, p) in &mut parts {
-                p.blocks
-                    .retain(|&i| credited.contains(&(*c * per_object + u64::from(i))));
-            }
-            Ok(parts)
-        } else {
-            deadlines.voided.fetch_add(sent, Ordering::Relaxed);
-            for (c, p) in &parts {
+        let kept: usize = parts.iter().map(|(_, p)| p.blocks.len()).sum();
+        let early = sent * kept as u64 / total.max(1) as u64;
+        deadlines.sent_early.fetch_add(early, Ordering::Relaxed);
+        deadlines.voided.fetch_add(sent - early, Ordering::Relaxed);
+        parts.retain(|(c, p)| {
+            if p.blocks.is_empty() {
                 // Unreferenced: removing it only saves space.
                 if let Err(e) = self.dest.delete(&self.keys.object(*c, p.r)) {
                     log::debug!("voided part left at the destination: {e}");
                 }
             }
-            Ok(Vec::new())
-        }
+            !p.blocks.is_empty()
+        });
+        parts
     }
 }
 
@@ -500,46 +541,64 @@ impl Uploader {
         let per_map = 1u64 << (geo.chunk_shift - geo.block_shift);
         let first = oc * per_object;
         let end = (first + per_object).min(map.blocks());
-        // Versions and dirty blocks of every map chunk, before the reads.
-        let mut maps = Vec::new();
+        // Every map chunk's dirty blocks taken, before the reads.
+        let mut ups = Vec::new();
+        let abort = |ups: &[OpenUpload]| {
+            for up in ups {
+                self.tracker.abort_open(epoch, up);
+            }
+        };
         let mut m = first / per_map;
         while m * per_map < end {
-            let Some(v) = map.chunk_version(m) else {
-                return Ok(Vec::new()); // a write in flight: next round
-            };
             let mut dirty = Vec::new();
             map.dirty_blocks(m, &mut dirty);
-            maps.push((m, v, dirty));
+            let up = match map.chunk_version(m) {
+                _ if dirty.is_empty() => None,
+                Some(v) => self.tracker.begin_open(epoch, &dirty, v),
+                None => None,
+            };
+            match up {
+                Some(up) => ups.push(up),
+                None if dirty.is_empty() => {}
+                None => {
+                    // A write in flight or started, or the close came.
+                    abort(&ups);
+                    return Ok(Vec::new());
+                }
+            }
             m += 1;
         }
-        for b in first..end {
-            let at = usize::try_from(b - first).unwrap_or(usize::MAX) * bs;
-            self.tracker
-                .read_open(b, &mut buf[at..at + bs])
-                .map_err(UploadError::ReadOpen)?;
-        }
-        let blocks: Vec<(u32, &[u8])> = (0..end - first)
-            .map(|i| {
-                let at = usize::try_from(i).unwrap_or(usize::MAX) * bs;
-                (u32::try_from(i).unwrap_or(u32::MAX), &buf[at..at + bs])
-            })
-            .collect();
-        let (r, sent) = self.put_part(epoch, oc, &blocks, next_part)?;
-        let mut credited = Vec::new();
-        let mut any = false;
-        for (m, v, dirty) in &maps {
-            let lo = m * per_map;
-            let hi = (lo + per_map).min(map.blocks()) - 1;
-            if self.tracker.ack_open(epoch, lo, hi, *v) {
-                any = true;
-                credited.extend(
-                    dirty
-                        .iter()
-                        .map(|&b| u32::try_from(b - first).unwrap_or(u32::MAX)),
-                );
+        let stored = (|| {
+            for b in first..end {
+                let at = usize::try_from(b - first).unwrap_or(usize::MAX) * bs;
+                self.tracker
+                    .read_open(b, &mut buf[at..at + bs])
+                    .map_err(UploadError::ReadOpen)?;
             }
+            let blocks: Vec<(u32, &[u8])> = (0..end - first)
+                .map(|i| {
+                    let at = usize::try_from(i).unwrap_or(usize::MAX) * bs;
+                    (u32::try_from(i).unwrap_or(u32::MAX), &buf[at..at + bs])
+                })
+                .collect();
+            self.put_part(epoch, oc, &blocks, next_part)
+        })();
+        let (r, sent) = match stored {
+            Ok(s) => s,
+            Err(e) => {
+                abort(&ups);
+                return Err(e);
+            }
+        };
+        let mut taken = Vec::new();
+        for up in &ups {
+            self.tracker.ack_open(epoch, up, &mut taken);
         }
-        if !any && self.tracker.open_epoch() != epoch {
+        let mut credited: Vec<u32> = taken
+            .iter()
+            .map(|&b| u32::try_from(b - first).unwrap_or(u32::MAX))
+            .collect();
+        if credited.is_empty() && self.tracker.open_epoch() != epoch {
             // Closed meanwhile: the part is nobody's.
             deadlines.voided.fetch_add(sent, Ordering::Relaxed);
             if let Err(e) = self.dest.delete(&self.keys.object(oc, r)) {
@@ -615,7 +674,7 @@ mod tests {
     use crate::format::{Codec, Keys, ObjectKind};
     use crate::plan::{PlanConfig, Policy};
     use crate::restore::{read_manifest, restore_image};
-    use foresnap_driver::tracking::TrackerConfig;
+    use foresnap_driver::tracking::{BlockState, TrackerConfig};
     use std::fs::File;
 
     const MIB: u64 = 1 << 20;
@@ -747,9 +806,13 @@ mod tests {
     /// being stored: the write lands between the read and the
     /// acknowledgement, as a real one racing the upload would.
     #[derive(Debug)]
+    /// Writes `len` bytes of 0xee at `at` on the volume while the first
+    /// part is being stored.
     struct Racing {
         inner: DirDestination,
         tracker: Mutex<Option<(Arc<Tracker>, File)>>,
+        at: u64,
+        len: usize,
     }
 
     impl PutFilter for Racing {
@@ -761,23 +824,67 @@ mod tests {
             if key.contains(".p")
                 && let Some((t, vol)) = lock(&self.tracker).take()
             {
-                t.write_volume(&vol, 4096, &[0xee; 4096]).unwrap();
+                t.write_volume(&vol, self.at, &vec![0xee; self.len])
+                    .unwrap();
             }
             self.inner.put(key, bytes)
         }
     }
 
-    /// A write racing the upload of its chunk voids the part: it is not
-    /// credited, it is deleted, the blocks stay dirty and the snapshot
-    /// carries the content written last.
+    fn racing(
+        t: &Arc<Tracker>,
+        vol: &File,
+        dir: &std::path::Path,
+        at: u64,
+        len: usize,
+    ) -> Arc<Racing> {
+        Arc::new(Racing {
+            inner: DirDestination::open(&dir.join("dest")).unwrap(),
+            tracker: Mutex::new(Some((t.clone(), vol.try_clone().unwrap()))),
+            at,
+            len,
+        })
+    }
+
+    /// A write racing the upload of its chunk voids the blocks it writes,
+    /// and only those: the part keeps the others, the written ones stay
+    /// dirty, and the snapshot carries the content written last.
     #[test]
-    fn a_write_during_the_upload_voids_the_part() {
+    fn a_write_during_the_upload_voids_the_blocks_it_writes() {
         let dir = tempfile::tempdir().unwrap();
         let (t, vol, _) = super::super::tests::tracked_volume(dir.path(), 4 * MIB);
-        let racing = Arc::new(Racing {
-            inner: DirDestination::open(&dir.path().join("dest")).unwrap(),
-            tracker: Mutex::new(Some((t.clone(), vol.try_clone().unwrap()))),
-        });
+        let racing = racing(&t, &vol, dir.path(), 4096, 4096);
+        let mut up = early_uploader(&t, racing.clone(), 4 << 20, 1);
+        t.write_volume(&vol, 0, &[0x11; 8192]).unwrap();
+        assert!(up.upload_early().unwrap(), "block 0 is credited");
+        let (kept, voided) = up.early.as_ref().unwrap().deadlines().early_bytes();
+        assert!(kept > 0 && voided > 0, "{kept} {voided}");
+        assert_eq!(t.map().state(0), BlockState::Uploaded);
+        assert_eq!(t.map().state(1), BlockState::Dirty, "written meanwhile");
+        // The next round stores block 1 for good.
+        assert!(up.upload_early().unwrap());
+        assert_eq!(t.map().dirty_count(0), 0);
+        t.close().unwrap();
+        let image = std::fs::read(dir.path().join("vol")).unwrap();
+        assert_eq!(&image[..4096], &[0x11; 4096]);
+        assert_eq!(&image[4096..8192], &[0xee; 4096]);
+        up.upload_next().unwrap().unwrap();
+        let m = read_manifest(racing.as_ref(), &Keys::new("v").unwrap(), 1).unwrap();
+        assert_eq!(m.chunks[0].len(), 2, "block 0's part, then block 1's");
+        for r in &m.chunks[0] {
+            assert_eq!(r.kind, ObjectKind::Delta);
+            assert_ne!(r.part, 0, "the parts are the snapshot's data");
+        }
+        assert!(restored(racing.as_ref(), dir.path(), 1) == image);
+    }
+
+    /// A write over every block of the part voids it whole: not credited,
+    /// deleted, the blocks stay dirty.
+    #[test]
+    fn a_write_over_the_whole_part_voids_and_deletes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, vol, _) = super::super::tests::tracked_volume(dir.path(), 4 * MIB);
+        let racing = racing(&t, &vol, dir.path(), 0, 8192);
         let mut up = early_uploader(&t, racing.clone(), 4 << 20, 1);
         t.write_volume(&vol, 0, &[0x11; 8192]).unwrap();
         assert!(!up.upload_early().unwrap(), "the only part was voided");
@@ -789,17 +896,11 @@ mod tests {
             "the voided part was deleted"
         );
         assert_eq!(t.map().dirty_count(0), 2, "blocks stay dirty");
-        // The next round stores it for good.
         assert!(up.upload_early().unwrap());
-        assert_eq!(t.map().dirty_count(0), 0);
         t.close().unwrap();
         let image = std::fs::read(dir.path().join("vol")).unwrap();
-        assert_eq!(&image[4096..8192], &[0xee; 4096]);
+        assert_eq!(&image[..8192], &[0xee; 8192]);
         up.upload_next().unwrap().unwrap();
-        let m = read_manifest(racing.as_ref(), &Keys::new("v").unwrap(), 1).unwrap();
-        assert_eq!(m.chunks[0].len(), 1);
-        assert_eq!(m.chunks[0][0].kind, ObjectKind::Delta);
-        assert_ne!(m.chunks[0][0].part, 0, "the part is the snapshot's data");
         assert!(restored(racing.as_ref(), dir.path(), 1) == image);
     }
 
