@@ -34,15 +34,23 @@
 //!
 //! `P_over = 1 - exp(-(h / n) * TS)`.
 //!
-//! An upload is also void if *any* write lands on the chunk while its
-//! blocks are read and sent (the planner still counts it so, though since
-//! [`DirtyMap::begin_open`] only the blocks written are voided): with `w` writes per second (blocks) over the
-//! last sample interval, or since the last sample if that is higher (a
-//! chunk being appended to is busy from its first writes, not from the
-//! next sample, and quiet from the sample after it is full) and an upload
-//! time `u = n * block / B`, `P_stale = 1 - exp(-w * u)`. The
+//! `h` is the decayed rate, or the last sample interval's or the rate
+//! since the last sample when higher: a chunk rewritten in bursts (a
+//! database's pages and log) is hot from the burst on, not only once the
+//! slow average has caught up ([`HeatMap::overwrite_rate_now`]).
+//!
+//! A block's upload is also void if a write lands on *it* while the
+//! chunk's blocks are taken, read and sent ([`DirtyMap::begin_open`] to
+//! [`DirtyMap::ack_open`]; the rest of the chunk is credited): with `w`
+//! writes per second (blocks) on the chunk over the last sample interval,
+//! or since the last sample if that is higher (a chunk being appended to
+//! is busy from its first writes, not from the next sample, and quiet from
+//! the sample after it is full), spread over its `n` dirty blocks, and an
+//! upload time `u = n * block / B`, `P_stale = 1 - exp(-(w / n) * u)`. The
 //! planner uploads chunks in ascending `P = 1 - (1 - P_over)(1 - P_stale)`
-//! and skips, for now, every chunk with `P >= PT`. As the close nears,
+//! and skips, for now, every chunk with `P >= PT`, and every chunk whose
+//! upload cannot land before the close (`u > TS`: the close would void
+//! it, and it would delay the closed epoch's own upload). As the close nears,
 //! `TS` shrinks and hot chunks fall below `PT` on their own: they are
 //! uploaded last, once their content is likely final.
 //!
@@ -187,6 +195,8 @@ pub struct HeatMap {
     over: Vec<f32>,
     /// Writes per second (blocks) over the last sample interval.
     recent: Vec<f32>,
+    /// Overwrites per second over the last sample interval.
+    recent_over: Vec<f32>,
     /// The counters at the last sample (they wrap: deltas are wrapping).
     seen: Vec<(u32, u32)>,
     last_s: Option<f64>,
@@ -199,6 +209,7 @@ impl HeatMap {
         HeatMap {
             over: vec![0.0; n],
             recent: vec![0.0; n],
+            recent_over: vec![0.0; n],
             seen: vec![(0, 0); n],
             last_s: None,
             tau_over: cfg.heat_half_life_s / std::f64::consts::LN_2,
@@ -233,6 +244,7 @@ impl HeatMap {
             {
                 self.over[c] = (f64::from(self.over[c]) * (1.0 - a_over) + a_over * dov) as f32;
                 self.recent[c] = dw as f32;
+                self.recent_over[c] = dov as f32;
             }
         }
         self.last_s = Some(now_s);
@@ -264,6 +276,21 @@ impl HeatMap {
         recent.max(since / (now_s - last).max(MIN_RATE_SPAN_S))
     }
 
+    /// Overwrites per second of `chunk` now: the decayed rate, or the
+    /// last sample interval's or the rate since the last sample when
+    /// higher (as [`HeatMap::write_rate_now`]).
+    pub fn overwrite_rate_now(&self, map: &DirtyMap, chunk: u64, now_s: f64) -> f64 {
+        let rate = self
+            .overwrite_rate(chunk)
+            .max(self.get(&self.recent_over, chunk));
+        let seen = usize::try_from(chunk).ok().and_then(|c| self.seen.get(c));
+        let (Some(last), Some(&(_, o0))) = (self.last_s, seen) else {
+            return rate;
+        };
+        let since = f64::from(map.chunk_heat(chunk).1.wrapping_sub(o0));
+        rate.max(since / (now_s - last).max(MIN_RATE_SPAN_S))
+    }
+
     fn get(&self, v: &[f32], chunk: u64) -> f64 {
         usize::try_from(chunk)
             .ok()
@@ -273,7 +300,10 @@ impl HeatMap {
 
     /// Heap bytes held.
     pub fn memory_bytes(&self) -> usize {
-        self.over.capacity() * 4 + self.recent.capacity() * 4 + self.seen.capacity() * 8
+        self.over.capacity() * 4
+            + self.recent.capacity() * 4
+            + self.recent_over.capacity() * 4
+            + self.seen.capacity() * 8
     }
 }
 
@@ -411,19 +441,26 @@ impl Planner {
 
     /// `P` of a chunk with `dirty` blocks (module doc).
     pub fn overwrite_probability(&self, chunk: u64, dirty: u64, ts_s: f64, rate: f64) -> f64 {
-        self.probability(chunk, dirty, ts_s, rate, self.heat.write_rate(chunk))
+        let over = self.heat.overwrite_rate(chunk);
+        self.probability(over, dirty, ts_s, rate, self.heat.write_rate(chunk))
     }
 
     /// `P` with `writes` per second on the chunk now.
-    fn probability(&self, chunk: u64, dirty: u64, ts_s: f64, rate: f64, writes: f64) -> f64 {
+    fn probability(&self, over: f64, dirty: u64, ts_s: f64, rate: f64, writes: f64) -> f64 {
         let n = dirty.max(1) as f64;
-        let p_over = 1.0 - (-(self.heat.overwrite_rate(chunk) / n) * ts_s.max(0.0)).exp();
+        let p_over = 1.0 - (-(over / n) * ts_s.max(0.0)).exp();
+        // The writes spread over the chunk's n dirty blocks, and a block is
+        // exposed for the whole upload of the n: n * block / B seconds.
         let upload_s = if rate > 0.0 {
             n * self.block_bytes as f64 / rate
         } else {
             0.0
         };
-        let p_stale = 1.0 - (-writes * upload_s).exp();
+        let p_stale = 1.0 - (-(writes / n) * upload_s).exp();
+        if upload_s > ts_s {
+            // It cannot land before the close, which voids it.
+            return 1.0;
+        }
         1.0 - (1.0 - p_over) * (1.0 - p_stale)
     }
 
@@ -531,7 +568,8 @@ impl Planner {
                 f64::INFINITY
             } else {
                 let writes = self.heat.write_rate_now(map, e.1, input.now_s);
-                self.probability(e.1, e.2, ts, rate, writes)
+                let over = self.heat.overwrite_rate_now(map, e.1, input.now_s);
+                self.probability(over, e.2, ts, rate, writes)
             };
         }
         scratch.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -739,6 +777,44 @@ mod tests {
         write(&m, 4096, 1);
         let r = p.heat.write_rate_now(&m, 4, 62.001);
         assert!((r - 1.0 / MIN_RATE_SPAN_S).abs() < 1e-9, "{r}");
+    }
+
+    /// A write voids only the blocks it writes (`DirtyMap::begin_open`):
+    /// a chunk appended to at a modest rate, its writes spread over many
+    /// blocks, goes (the rest of it is credited); written over and over
+    /// since the last sample, it is hot at once; and an upload that
+    /// cannot land before the close is not started.
+    #[test]
+    fn stale_and_overwrite_probabilities_per_block() {
+        let m = DirtyMap::new(64 * MIB, GEO);
+        let mut p = Planner::new(&m, PlanConfig::default());
+        p.sample(&m, 0.0);
+        write(&m, 0, 200);
+        p.sample(&m, 60.0);
+        p.sample(&m, 61.0);
+        write(&m, 200, 20); // 20 new blocks in the second since
+        let b = MIB as f64; // the 220 blocks take 0.86 s
+        let plan = p.plan(&m, &input(62.0, 6.0, b), 8);
+        assert!(plan.started, "6 s < 3 * D / B + 5 s");
+        assert_eq!(plan.chunks, vec![0], "20 writes/s over 220 blocks");
+        // Chunk 1, rewritten 40 times since the last sample: its decayed
+        // overwrite rate is still 0, its rate now is not.
+        for _ in 0..40 {
+            write(&m, 1024, 8);
+        }
+        assert_eq!(p.heat().overwrite_rate(1), 0.0);
+        assert!(p.heat().overwrite_rate_now(&m, 1, 62.0) >= 300.0);
+        // On a link fast enough that no write can void its upload, it is
+        // held back for what P_over says: overwritten before the close.
+        let fast = 1024.0 * MIB as f64;
+        let plan = p.plan(&m, &input(62.0, 6.0, fast), 8);
+        assert_eq!(plan.chunks, vec![0], "chunk 1 held back: {plan:?}");
+        // 0.5 s before the close, the 220 blocks of chunk 0 (0.86 s) would
+        // land after it: not started. 1 s before, they go.
+        p.sample(&m, 200.0);
+        p.sample(&m, 201.0);
+        assert!(!p.plan(&m, &input(201.0, 0.5, b), 8).chunks.contains(&0));
+        assert!(p.plan(&m, &input(201.0, 1.0, b), 8).chunks.contains(&0));
     }
 
     /// A block uploaded twice in an epoch is hot: left out of early
