@@ -1136,6 +1136,14 @@ mod loom_models {
         ))
     }
 
+    /// Writes block 0; returns the chunk version after it.
+    fn write_block_0(m: &DirtyMap) -> u64 {
+        let mut cow = Vec::new();
+        m.start_write(0, 4096, &mut cow);
+        m.write_done(0, 4096);
+        m.chunk_version(0).unwrap()
+    }
+
     /// Module doc, 1: an upload that takes a block concurrently with a
     /// write to it never credits the written content: the block ends
     /// `Dirty`, and only a block taken after the write's data is on the
@@ -1144,10 +1152,7 @@ mod loom_models {
     fn begin_open_races_a_write() {
         loom::model(|| {
             let m = map();
-            let mut cow = Vec::new();
-            m.start_write(0, 4096, &mut cow);
-            m.write_done(0, 4096);
-            let v = m.chunk_version(0).unwrap();
+            let v = write_block_0(&m);
             // The volume content: 1 before the write, 2 after.
             let volume = Arc::new(AtomicU64::new(1));
             let w = {
@@ -1179,10 +1184,7 @@ mod loom_models {
     fn a_write_to_another_block_leaves_the_taken_one_credited() {
         loom::model(|| {
             let m = map();
-            let mut cow = Vec::new();
-            m.start_write(0, 4096, &mut cow);
-            m.write_done(0, 4096);
-            let v = m.chunk_version(0).unwrap();
+            let v = write_block_0(&m);
             let up = m.begin_open(&[0], v).unwrap();
             let w = {
                 let m = m.clone();
