@@ -85,7 +85,7 @@
 //! flight across writes and closes included, against a plain reference
 //! model.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use crate::sync::{AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 
@@ -236,15 +236,16 @@ pub struct DirtyMap {
     words: Box<[AtomicU64]>,
     chunks: Box<[ChunkStats]>,
     /// The uploader's side only (never the I/O path): the open epoch's
-    /// blocks taken by an upload in flight ([`DirtyMap::begin_open`]),
-    /// each with the generation it was taken in (bumped by every close).
+    /// blocks taken by an upload in flight ([`DirtyMap::begin_open`]).
     taken: Mutex<Taken>,
 }
 
 #[derive(Debug, Default)]
 struct Taken {
+    /// Bumped by every close, which releases every block: an upload
+    /// begun before it is credited nothing after it.
     generation: u64,
-    blocks: HashMap<u64, u64>,
+    blocks: HashSet<u64>,
 }
 
 /// Blocks of the open epoch an upload took ([`DirtyMap::begin_open`]):
@@ -494,7 +495,7 @@ impl DirtyMap {
             let mut want = 0u64;
             let mut hi = b0;
             while let Some(&b) = rest.peek().filter(|&&b| b < base + PER_WORD) {
-                if !held.contains_key(&b) {
+                if !held.contains(&b) {
                     want |= 1 << (b - base);
                 }
                 hi = b;
@@ -518,9 +519,7 @@ impl DirtyMap {
             }
             return None;
         }
-        for &b in &up.blocks {
-            taken.blocks.insert(b, up.generation);
-        }
+        taken.blocks.extend(&up.blocks);
         Some(up)
     }
 
@@ -529,15 +528,15 @@ impl DirtyMap {
     /// them since they were taken, so what was read is their latest
     /// content. The others were written meanwhile and are `Dirty` again:
     /// upload them again. Nothing is credited after a close (the close
-    /// turned the blocks in flight into `Closed`). Not concurrently with
-    /// [`DirtyMap::close_epoch`].
+    /// turned the blocks in flight into `Closed`); the uploader's lock
+    /// orders this with [`DirtyMap::close_epoch`].
     pub fn ack_open(&self, up: &OpenUpload, credited: &mut Vec<u64>) {
         let mut taken = lock(&self.taken);
         if taken.generation != up.generation {
             return;
         }
         for &b in &up.blocks {
-            if taken.blocks.remove(&b).is_some() && self.state(b) == BlockState::Uploaded {
+            if taken.blocks.remove(&b) && self.state(b) == BlockState::Uploaded {
                 credited.push(b);
             }
         }
@@ -551,7 +550,7 @@ impl DirtyMap {
             return;
         }
         for &b in &up.blocks {
-            if taken.blocks.remove(&b).is_some() {
+            if taken.blocks.remove(&b) {
                 let (w, _) = locate(b);
                 self.update_word(w, b, b, |s| if s == 2 { 3 } else { s });
             }
@@ -590,7 +589,7 @@ impl DirtyMap {
             let last = (base + PER_WORD - 1).min(self.blocks - 1);
             let old = self.update_word_with(w, base, last, |b, s| match s {
                 3 => 1,
-                2 if held.contains_key(&b) => 1,
+                2 if held.contains(&b) => 1,
                 2 => 0,
                 s => s,
             });
@@ -696,13 +695,13 @@ impl DirtyMap {
     }
 }
 
-/// Word index and bit shift of `block`.
 /// The uploader's lock: nothing it guards is left half-changed by a
 /// panic, so a poisoned lock is taken as it is.
 fn lock(m: &Mutex<Taken>) -> MutexGuard<'_, Taken> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Word index and bit shift of `block`.
 fn locate(block: u64) -> (usize, u64) {
     (
         usize::try_from(block / PER_WORD).unwrap_or(usize::MAX),
