@@ -552,19 +552,16 @@ impl Uploader {
         while m * per_map < end {
             let mut dirty = Vec::new();
             map.dirty_blocks(m, &mut dirty);
-            let up = match map.chunk_version(m) {
-                _ if dirty.is_empty() => None,
-                Some(v) => self.tracker.begin_open(epoch, &dirty, v),
-                None => None,
-            };
-            match up {
-                Some(up) => ups.push(up),
-                None if dirty.is_empty() => {}
-                None => {
+            if !dirty.is_empty() {
+                let taken = map
+                    .chunk_version(m)
+                    .and_then(|v| self.tracker.begin_open(epoch, &dirty, v));
+                let Some(up) = taken else {
                     // A write in flight or started, or the close came.
                     abort(&ups);
                     return Ok(Vec::new());
-                }
+                };
+                ups.push(up);
             }
             m += 1;
         }
@@ -802,12 +799,11 @@ mod tests {
         }
     }
 
-    /// A destination that makes a write to the volume while a part is
-    /// being stored: the write lands between the read and the
-    /// acknowledgement, as a real one racing the upload would.
+    /// A destination that writes `len` bytes of 0xee at `at` on the
+    /// volume while the first part is being stored: the write lands
+    /// between the read and the acknowledgement, as a real one racing the
+    /// upload would.
     #[derive(Debug)]
-    /// Writes `len` bytes of 0xee at `at` on the volume while the first
-    /// part is being stored.
     struct Racing {
         inner: DirDestination,
         tracker: Mutex<Option<(Arc<Tracker>, File)>>,
