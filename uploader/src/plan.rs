@@ -267,28 +267,33 @@ impl HeatMap {
     /// sample counts as [`MIN_RATE_SPAN_S`] at least: one write just after
     /// it is not a flood.
     pub fn write_rate_now(&self, map: &DirtyMap, chunk: u64, now_s: f64) -> f64 {
-        let recent = self.write_rate(chunk);
-        let seen = usize::try_from(chunk).ok().and_then(|c| self.seen.get(c));
-        let (Some(last), Some(&(w0, _))) = (self.last_s, seen) else {
-            return recent;
-        };
-        let since = f64::from(map.chunk_heat(chunk).0.wrapping_sub(w0));
-        recent.max(since / (now_s - last).max(MIN_RATE_SPAN_S))
+        let (writes, _) = self.since_sample(map, chunk, now_s);
+        self.write_rate(chunk).max(writes)
     }
 
     /// Overwrites per second of `chunk` now: the decayed rate, or the
     /// last sample interval's or the rate since the last sample when
     /// higher (as [`HeatMap::write_rate_now`]).
     pub fn overwrite_rate_now(&self, map: &DirtyMap, chunk: u64, now_s: f64) -> f64 {
-        let rate = self
-            .overwrite_rate(chunk)
-            .max(self.get(&self.recent_over, chunk));
+        let (_, overwrites) = self.since_sample(map, chunk, now_s);
+        self.overwrite_rate(chunk)
+            .max(self.get(&self.recent_over, chunk))
+            .max(overwrites)
+    }
+
+    /// Writes and overwrites per second of `chunk` since the last sample,
+    /// over [`MIN_RATE_SPAN_S`] at least (zero before the first sample).
+    fn since_sample(&self, map: &DirtyMap, chunk: u64, now_s: f64) -> (f64, f64) {
         let seen = usize::try_from(chunk).ok().and_then(|c| self.seen.get(c));
-        let (Some(last), Some(&(_, o0))) = (self.last_s, seen) else {
-            return rate;
+        let (Some(last), Some(&(w0, o0))) = (self.last_s, seen) else {
+            return (0.0, 0.0);
         };
-        let since = f64::from(map.chunk_heat(chunk).1.wrapping_sub(o0));
-        rate.max(since / (now_s - last).max(MIN_RATE_SPAN_S))
+        let (w, o) = map.chunk_heat(chunk);
+        let span = (now_s - last).max(MIN_RATE_SPAN_S);
+        (
+            f64::from(w.wrapping_sub(w0)) / span,
+            f64::from(o.wrapping_sub(o0)) / span,
+        )
     }
 
     fn get(&self, v: &[f32], chunk: u64) -> f64 {
@@ -439,28 +444,34 @@ impl Planner {
         }
     }
 
-    /// `P` of a chunk with `dirty` blocks (module doc).
-    pub fn overwrite_probability(&self, chunk: u64, dirty: u64, ts_s: f64, rate: f64) -> f64 {
-        let over = self.heat.overwrite_rate(chunk);
-        self.probability(over, dirty, ts_s, rate, self.heat.write_rate(chunk))
-    }
-
-    /// `P` with `writes` per second on the chunk now.
-    fn probability(&self, over: f64, dirty: u64, ts_s: f64, rate: f64, writes: f64) -> f64 {
+    /// `P` at `now_s` of `chunk` with `dirty` blocks to upload, `ts_s`
+    /// before the close at `rate` bytes per second (module doc): what
+    /// [`Planner::plan`] orders and holds back by.
+    pub fn overwrite_probability(
+        &self,
+        map: &DirtyMap,
+        chunk: u64,
+        dirty: u64,
+        ts_s: f64,
+        rate: f64,
+        now_s: f64,
+    ) -> f64 {
         let n = dirty.max(1) as f64;
-        let p_over = 1.0 - (-(over / n) * ts_s.max(0.0)).exp();
-        // The writes spread over the chunk's n dirty blocks, and a block is
-        // exposed for the whole upload of the n: n * block / B seconds.
         let upload_s = if rate > 0.0 {
             n * self.block_bytes as f64 / rate
         } else {
             0.0
         };
-        let p_stale = 1.0 - (-(writes / n) * upload_s).exp();
         if upload_s > ts_s {
             // It cannot land before the close, which voids it.
             return 1.0;
         }
+        let over = self.heat.overwrite_rate_now(map, chunk, now_s);
+        let p_over = 1.0 - (-(over / n) * ts_s.max(0.0)).exp();
+        // The writes spread over the chunk's n dirty blocks, and a block is
+        // exposed for the whole upload of the n: n * block / B seconds.
+        let writes = self.heat.write_rate_now(map, chunk, now_s);
+        let p_stale = 1.0 - (-(writes / n) * upload_s).exp();
         1.0 - (1.0 - p_over) * (1.0 - p_stale)
     }
 
@@ -567,9 +578,7 @@ impl Planner {
             e.0 = if e.2 == 0 {
                 f64::INFINITY
             } else {
-                let writes = self.heat.write_rate_now(map, e.1, input.now_s);
-                let over = self.heat.overwrite_rate_now(map, e.1, input.now_s);
-                self.probability(over, e.2, ts, rate, writes)
+                self.overwrite_probability(map, e.1, e.2, ts, rate, input.now_s)
             };
         }
         scratch.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -720,7 +729,7 @@ mod tests {
         assert!(plan.started, "4 s < 3 * D / B + 5 s");
         assert_eq!(plan.chunks, vec![2, 3], "hot chunk 1 held back");
         assert_eq!(plan.hot_bytes, 16 * 4096);
-        let p1 = p.overwrite_probability(1, 16, 4.0, b);
+        let p1 = p.overwrite_probability(&m, 1, 16, 4.0, b, 60.0);
         assert!(p1 >= 0.5, "{p1}");
         // Near the close its P falls below PT.
         let plan = p.plan(&m, &input(80.0, 0.05, b), 8);
