@@ -884,40 +884,36 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
 }
 
-fn parse_track_block(s: &str) -> Result<u32, String> {
-    let bad = || format!("invalid tracking block '{s}': give a power of two from 512 to 1M");
+/// A size `s` that is a power of two in `[lo, hi]` (`range` says it in
+/// words); the error names `what` and the range.
+fn power_of_two(s: &str, what: &str, range: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    let bad = || format!("invalid {what} '{s}': give a power of two from {range}");
     let v = parse_size(s).map_err(|_| bad())?;
-    let (lo, hi) = foresnap_driver::config::TRACK_BLOCK_RANGE;
-    u32::try_from(v)
-        .ok()
+    Some(v)
         .filter(|v| v.is_power_of_two() && (lo..=hi).contains(v))
         .ok_or_else(bad)
 }
 
+/// [`power_of_two`] for a value the program keeps as `u32` (`hi` fits).
+fn power_of_two_u32(s: &str, what: &str, range: &str, lo: u32, hi: u32) -> Result<u32, String> {
+    power_of_two(s, what, range, lo.into(), hi.into()).map(|v| u32::try_from(v).unwrap_or(hi))
+}
+
+fn parse_track_block(s: &str) -> Result<u32, String> {
+    let (lo, hi) = foresnap_driver::config::TRACK_BLOCK_RANGE;
+    power_of_two_u32(s, "tracking block", "512 to 1M", lo, hi)
+}
+
 fn parse_track_chunk(s: &str) -> Result<u32, String> {
-    let bad = || format!("invalid tracking chunk '{s}': give a power of two from 512 to 64M");
-    let v = parse_size(s).map_err(|_| bad())?;
-    u32::try_from(v)
-        .ok()
-        .filter(|v| v.is_power_of_two() && (512..=64 << 20).contains(v))
-        .ok_or_else(bad)
+    power_of_two_u32(s, "tracking chunk", "512 to 64M", 512, 64 << 20)
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
-    let bad = || format!("invalid chunk size '{s}': give a power of two from 1M to 64M");
-    let v = parse_size(s).map_err(|_| bad())?;
-    u32::try_from(v)
-        .ok()
-        .filter(|v| v.is_power_of_two() && (1 << 20..=64 << 20).contains(v))
-        .ok_or_else(bad)
+    power_of_two_u32(s, "chunk size", "1M to 64M", 1 << 20, 64 << 20)
 }
 
 fn parse_stripe_range(s: &str) -> Result<u64, String> {
-    let bad = || format!("invalid stripe range '{s}': give a power of two from 1M to 1T");
-    let v = parse_size(s).map_err(|_| bad())?;
-    Some(v)
-        .filter(|v| v.is_power_of_two() && (1 << 20..=1 << 40).contains(v))
-        .ok_or_else(bad)
+    power_of_two(s, "stripe range", "1M to 1T", 1 << 20, 1 << 40)
 }
 
 fn parse_block_size(s: &str) -> Result<BlockSize, String> {

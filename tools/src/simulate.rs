@@ -17,9 +17,6 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
         SimPolicyArg::Oracle => SimPolicy::Oracle,
         SimPolicyArg::Plan(p) => SimPolicy::Plan(args.plan.config(p).map_err(anyhow::Error::msg)?),
     };
-    let opts = TraceOptions { disk: args.disk };
-    let t = trace::read(&args.trace, args.format, &opts)
-        .with_context(|| format!("trace {}", args.trace.display()))?;
     if args.track_chunk < args.track_block {
         anyhow::bail!(
             "invalid --track-chunk {}: smaller than the tracking block ({})",
@@ -27,6 +24,9 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
             args.track_block
         );
     }
+    let opts = TraceOptions { disk: args.disk };
+    let t = trace::read(&args.trace, args.format, &opts)
+        .with_context(|| format!("trace {}", args.trace.display()))?;
     let mut cfg = SimConfig::new(args.link as f64, args.every.as_secs_f64(), policy);
     cfg.geometry = Geometry {
         block_shift: args.track_block.trailing_zeros(),

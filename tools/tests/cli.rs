@@ -204,6 +204,8 @@ fn simulate_refuses_bad_input_in_one_line() {
         let e = err(with(&["--link", "1M", "--track-chunk", chunk]));
         assert!(e.contains("invalid tracking chunk"), "{chunk}: {e}");
     }
+    let e = err(with(&["--link", "1M", "--track-block", "2M"]));
+    assert!(e.contains("invalid tracking block '2M'"), "{e}");
     let e = err(with(&[
         "--link",
         "1M",
