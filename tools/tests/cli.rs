@@ -515,6 +515,12 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
             .arg(&vol);
         c
     };
+    // Runs `args --to DIR/name`: its output and the image it wrote.
+    let image_of = |args: &[&str], name: &str| {
+        let to = dir.path().join(name);
+        let text = common::run(foresnap().args(args).arg("--to").arg(&to));
+        (text, std::fs::read(&to).unwrap())
+    };
     let text = common::run(&mut striped(&["--stripe-range", "1M"]));
     assert!(text.contains("snapshot 1 uploaded to stripe("), "{text}");
     // No write in between (there is no device here): snapshot 2 names
@@ -555,14 +561,19 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
         "{e}"
     );
     for (id, want) in [("1", &first), ("2", &image)] {
-        let to = dir.path().join(format!("r{id}"));
-        let mut c = foresnap();
-        c.args(["restore", "--volume", "v", "--snapshot", id])
-            .args(["--dest", &b, "--dest", &a])
-            .arg("--to")
-            .arg(&to);
-        let text = common::run(&mut c);
-        assert!(std::fs::read(&to).unwrap() == *want, "snapshot {id}");
+        let restore = [
+            "restore",
+            "--volume",
+            "v",
+            "--snapshot",
+            id,
+            "--dest",
+            &b,
+            "--dest",
+            &a,
+        ];
+        let (text, got) = image_of(&restore, &format!("r{id}"));
+        assert!(got == *want, "snapshot {id}");
         // Every object read where it lives: no read errors.
         assert_eq!(text.matches(", 0 errors").count(), 2, "{text}");
     }
@@ -583,13 +594,8 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
     assert_eq!(chunks_at(&a), [0, 2]);
 
     // A replica follows the stripe from both members; one is refused.
-    let replica = dir.path().join("replica");
-    let mut c = foresnap();
-    c.args(["replicate", "--volume", "v", "--dest", &b, "--dest", &a])
-        .arg("--to")
-        .arg(&replica);
-    common::run(&mut c);
-    assert!(std::fs::read(&replica).unwrap() == image);
+    let replicate = ["replicate", "--volume", "v", "--dest", &b, "--dest", &a];
+    assert!(image_of(&replicate, "replica").1 == image);
     let never = dir.path().join("never");
     let e = one_line_error(&[
         "replicate",
@@ -623,13 +629,8 @@ fn striped_backups_spread_chunks_by_range_and_restore_from_all_members() {
         listed.starts_with("snapshot 2 ") && listed.lines().count() == 1,
         "{listed}"
     );
-    let to = dir.path().join("after-prune");
-    let mut c = foresnap();
-    c.args(["restore", "--volume", "v", "--dest", &a, "--dest", &b])
-        .arg("--to")
-        .arg(&to);
-    common::run(&mut c);
-    assert!(std::fs::read(&to).unwrap() == image);
+    let restore = ["restore", "--volume", "v", "--dest", &a, "--dest", &b];
+    assert!(image_of(&restore, "after-prune").1 == image);
 
     // Bad input: one line each.
     let refused = |dests: &[&str], words: &str| {
