@@ -187,8 +187,8 @@ impl PlanConfig {
 pub const MIN_RATE_SPAN_S: f64 = 0.1;
 
 /// Per-chunk write and overwrite rates, decayed exponentially (module
-/// doc). Fed by sampling the dirty map's per-chunk counters; 16 bytes per
-/// chunk (4 MiB per TiB at 4 MiB chunks).
+/// doc). Fed by sampling the dirty map's per-chunk counters; 20 bytes per
+/// chunk (20 MiB per TiB at the dirty map's 1 MiB chunks).
 #[derive(Debug, Clone)]
 pub struct HeatMap {
     /// Overwrites per second (blocks), long half-life.
@@ -722,6 +722,8 @@ mod tests {
         assert!(p.heat().overwrite_rate(1) > p.heat().overwrite_rate(3));
         assert!(p.heat().overwrite_rate(3) > 0.0);
         assert_eq!(p.heat().overwrite_rate(2), 0.0);
+        let chunks = usize::try_from(m.chunks()).unwrap();
+        assert_eq!(p.heat().memory_bytes(), 20 * chunks, "20 bytes per chunk");
         let b = 100.0 * MIB as f64;
         // Settle the recent-write rate (nothing written for a while).
         p.sample(&m, 60.0);
