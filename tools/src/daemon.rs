@@ -439,8 +439,8 @@ fn child(args: &[String], creds: Option<&S3Credentials>) -> anyhow::Result<Comma
 /// daemon dies. A session of its own is a scheduler autogroup of its own
 /// (Linux's default without cgroups): a server sharing one with a busy
 /// workload, as one started from the workload's shell does, preempts and is
-/// preempted by it at every request, which cost 30-40% of the IOPS in the
-/// device benchmark (README). The daemon still stops its servers: it sends
+/// preempted by it at every request, which cost a fifth to a third of the
+/// IOPS at iodepth 32 in the device benchmark (README). The daemon still stops its servers: it sends
 /// each SIGTERM on SIGINT or SIGTERM, and the death signal covers its crash.
 fn detach(cmd: &mut Command) {
     // SAFETY: the closure runs in the child between fork and exec and
