@@ -232,20 +232,24 @@ impl KeyArgs {
     }
 }
 
-/// The upload policy of `simulate`: the planner's, or the oracle.
+/// The upload policy of `simulate`: the planner's, the oracle, or the
+/// planner told each block's write rate (a study).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimPolicyArg {
     Plan(Policy),
     Oracle,
+    RateOracle,
 }
 
 fn parse_sim_policy(s: &str) -> Result<SimPolicyArg, String> {
-    if s == "oracle" {
-        return Ok(SimPolicyArg::Oracle);
+    match s {
+        "oracle" => return Ok(SimPolicyArg::Oracle),
+        "rate-oracle" => return Ok(SimPolicyArg::RateOracle),
+        _ => {}
     }
-    s.parse::<Policy>()
-        .map(SimPolicyArg::Plan)
-        .map_err(|_| format!("invalid policy '{s}': give predictive, at-close, eager or oracle"))
+    s.parse::<Policy>().map(SimPolicyArg::Plan).map_err(|_| {
+        format!("invalid policy '{s}': give predictive, at-close, eager, oracle or rate-oracle")
+    })
 }
 
 /// The planner's knobs (`serve`, `simulate`).
@@ -295,7 +299,9 @@ pub struct SimulateArgs {
     /// Interval between scheduled snapshots: 90s, 15m, 1h.
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval_arg)]
     pub every: std::time::Duration,
-    /// predictive, at-close, eager or oracle.
+    /// predictive, at-close, eager or oracle; rate-oracle (a study: the
+    /// predictive planner told each block's mean write rate over the
+    /// trace, with --k, --l and --pt).
     #[arg(long, value_name = "POLICY", value_parser = parse_sim_policy)]
     pub policy: SimPolicyArg,
     #[command(flatten)]

@@ -6,6 +6,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use foresnap_driver::tracking::Geometry;
+use foresnap_uploader::plan::Policy;
 use foresnap_uploader::simulate::{SimConfig, SimPolicy, SimResult, simulate};
 use foresnap_uploader::trace::{self, TraceOptions};
 use foresnap_uploader::units::{format_bytes, format_rate};
@@ -16,6 +17,11 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
     let policy = match args.policy {
         SimPolicyArg::Oracle => SimPolicy::Oracle,
         SimPolicyArg::Plan(p) => SimPolicy::Plan(args.plan.config(p).map_err(anyhow::Error::msg)?),
+        SimPolicyArg::RateOracle => SimPolicy::RateOracle(
+            args.plan
+                .config(Policy::Predictive)
+                .map_err(anyhow::Error::msg)?,
+        ),
     };
     if args.track_chunk < args.track_block {
         anyhow::bail!(
@@ -66,6 +72,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
 fn policy_name(p: SimPolicyArg) -> String {
     match p {
         SimPolicyArg::Oracle => "oracle".into(),
+        SimPolicyArg::RateOracle => "rate-oracle".into(),
         SimPolicyArg::Plan(p) => p.to_string(),
     }
 }

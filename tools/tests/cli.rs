@@ -141,13 +141,14 @@ fn simulate_reports_snapshots_and_summary() {
         1u64 << foresnap_driver::tracking::Geometry::default().chunk_shift,
         "the simulator's default chunk is the daemon's"
     );
-    for policy in ["predictive", "oracle"] {
+    for policy in ["predictive", "oracle", "rate-oracle"] {
         let v = run(policy);
         let lag = v["summary"]["median_lag_s"].as_f64().unwrap();
         assert!(
             lag < at_close["summary"]["median_lag_s"].as_f64().unwrap(),
             "{policy}: {lag}"
         );
+        assert_eq!(v["params"]["policy"], policy);
     }
     // The table and the timeline.
     let tl = dir.path().join("tl.csv");
@@ -195,7 +196,7 @@ fn simulate_refuses_bad_input_in_one_line() {
         "simulate", "--trace", t, "--link", "1M", "--every", "1s", "--policy", "lazy",
     ]);
     assert!(
-        e.contains("invalid policy 'lazy'") && e.contains("oracle"),
+        e.contains("invalid policy 'lazy'") && e.contains("rate-oracle"),
         "{e}"
     );
     assert!(err(with(&["--link", "1M", "--pt", "3"])).contains("--pt"));

@@ -70,6 +70,18 @@
 //! one bit per block of the volume for the blocks uploaded in the open
 //! epoch (32 MiB per TiB at 4 KiB blocks) and a set of the hot ones.
 //!
+//! # A study: each block's write rate known
+//!
+//! The heat map and the learned hot blocks are estimates. How much lag
+//! and amplification come from estimating, and how much no causal policy
+//! can avoid, is measured by giving the planner each block's true mean
+//! write rate `r` over the whole trace ([`Planner::set_block_rates`]; the
+//! simulator's `rate-oracle` policy does, the daemon never). It knows how
+//! hot each block is, not when it will be written. Then a block's
+//! `P = 1 - exp(-r * TS)` replaces the chunk's and the hot blocks' rules:
+//! a block is uploaded while `P < PT`, a chunk offers those blocks and is
+//! ordered by the highest `P` among them, and the start rule is the same.
+//!
 //! # One planner, two clocks
 //!
 //! The planner holds no clock and does no I/O: its caller passes the time
@@ -369,6 +381,12 @@ pub struct Planner {
     hot_lead_s: f64,
     /// Scratch: (P, chunk, dirty blocks) of the candidates.
     scratch: Vec<(f64, u64, u64)>,
+    /// Each block's write rate, given (the study of the module doc):
+    /// writes per second by volume block; a block not in it is never
+    /// written.
+    block_rates: Option<std::collections::HashMap<u64, f64>>,
+    /// Scratch: a chunk's dirty blocks.
+    blocks: Vec<u64>,
 }
 
 impl Planner {
@@ -385,6 +403,8 @@ impl Planner {
             hot_before: std::collections::HashSet::new(),
             hot_lead_s: 0.0,
             scratch: Vec::new(),
+            block_rates: None,
+            blocks: Vec::new(),
         }
     }
 
@@ -394,6 +414,25 @@ impl Planner {
 
     pub fn heat(&self) -> &HeatMap {
         &self.heat
+    }
+
+    /// Gives the planner each block's write rate (writes per second, by
+    /// volume block), to be used instead of its estimates: a study, the
+    /// simulator's rate oracle (module doc).
+    pub fn set_block_rates(&mut self, rates: std::collections::HashMap<u64, f64>) {
+        self.block_rates = Some(rates);
+    }
+
+    /// `P` of `block` `ts_s` before the close, from its given rate, if
+    /// rates are given.
+    fn block_probability(&self, block: u64, ts_s: f64) -> Option<f64> {
+        let rate = self
+            .block_rates
+            .as_ref()?
+            .get(&block)
+            .copied()
+            .unwrap_or(0.0);
+        Some(1.0 - (-rate * ts_s.max(0.0)).exp())
     }
 
     /// Samples the heat counters (call it regularly, e.g. every second).
@@ -434,12 +473,23 @@ impl Planner {
 
     /// The blocks of `chunk` to upload now, into `out` (ascending): its
     /// dirty blocks, but for hot ones while the close is more than `L`
-    /// away (the eager policy takes them all).
+    /// away (the eager policy takes them all). With given block rates,
+    /// those whose `P` is below `PT`.
     pub fn select(&self, map: &DirtyMap, chunk: u64, ts_s: Option<f64>, out: &mut Vec<u64>) {
         out.clear();
         map.dirty_blocks(chunk, out);
+        if self.cfg.policy != Policy::Predictive {
+            return;
+        }
+        if let (Some(ts), Some(_)) = (ts_s, &self.block_rates) {
+            out.retain(|&b| {
+                self.block_probability(b, ts)
+                    .is_some_and(|p| p < self.cfg.pt)
+            });
+            return;
+        }
         let near = ts_s.is_none_or(|ts| ts <= self.hot_lead_s.max(self.cfg.l_s));
-        if self.cfg.policy == Policy::Predictive && !near {
+        if !near {
             out.retain(|&b| !self.is_hot(b));
         }
     }
@@ -571,6 +621,25 @@ impl Planner {
         // nothing else waits whole, and its P is that of what it offers.
         let hot_wait = ts > self.hot_lead_s.max(self.cfg.l_s);
         for e in &mut scratch {
+            if self.block_rates.is_some() {
+                // The study: the blocks under PT, by their own P.
+                let mut blocks = std::mem::take(&mut self.blocks);
+                blocks.clear();
+                map.dirty_blocks(e.1, &mut blocks);
+                let (mut offered, mut p_max) = (0u64, 0.0f64);
+                for &b in &blocks {
+                    let p = self.block_probability(b, ts).unwrap_or(0.0);
+                    if p < self.cfg.pt {
+                        offered += 1;
+                        p_max = p_max.max(p);
+                    }
+                }
+                self.blocks = blocks;
+                plan.hot_bytes += (e.2 - offered.min(e.2)) * self.block_bytes;
+                e.2 = offered;
+                e.0 = if offered == 0 { f64::INFINITY } else { p_max };
+                continue;
+            }
             if hot_wait && let Some(&h) = hot_in.get(&e.1) {
                 plan.hot_bytes += h.min(e.2) * self.block_bytes;
                 e.2 = e.2.saturating_sub(h);
@@ -897,6 +966,52 @@ mod tests {
         e.uploaded(1, &[3]);
         e.select(&m, 0, Some(30.0), &mut out);
         assert_eq!(out.len(), 8);
+    }
+
+    /// Told each block's rate (the study), the planner holds back the
+    /// blocks whose own P is at least PT, offers the rest of their chunk,
+    /// and orders chunks by the highest P they offer; near the close the
+    /// hot blocks' P falls under PT and they go too.
+    #[test]
+    fn given_block_rates_replace_the_estimates() {
+        let m = DirtyMap::new(64 * MIB, GEO);
+        write(&m, 0, 4); // chunk 0: block 1 hot, the others never again
+        write(&m, 1024, 4); // chunk 1: warm
+        write(&m, 2048, 1); // chunk 2: only a hot block
+        let mut p = Planner::new(&m, PlanConfig::default());
+        let mut rates = std::collections::HashMap::new();
+        rates.insert(1, 1.0);
+        rates.insert(2048, 1.0);
+        for b in 1024..1028 {
+            rates.insert(b, 0.01);
+        }
+        p.set_block_rates(rates);
+        // D = 9 blocks at 4 KiB/s: K*D/B + L = 32 s > TS, started. P of a
+        // hot block 10 s before the close: 1 - e^-10; of a warm one: 0.095.
+        let plan = p.plan(&m, &input(0.0, 10.0, 4096.0), 8);
+        assert!(plan.started);
+        assert_eq!(plan.chunks, vec![0, 1], "chunk 2 only holds a hot block");
+        assert_eq!(plan.hot_bytes, 2 * 4096);
+        let mut out = Vec::new();
+        p.select(&m, 0, Some(10.0), &mut out);
+        assert_eq!(out, vec![0, 2, 3]);
+        // 0.5 s before the close a hot block's P is 0.39.
+        p.select(&m, 0, Some(0.5), &mut out);
+        assert_eq!(out, vec![0, 1, 2, 3]);
+        let plan = p.plan(&m, &input(9.5, 0.5, 4096.0), 8);
+        assert_eq!(plan.chunks, vec![1, 0, 2], "warm first, then by chunk");
+        assert_eq!(plan.hot_bytes, 0);
+        // Not a policy of its own: eager still takes everything.
+        let mut eager = Planner::new(
+            &m,
+            PlanConfig {
+                policy: Policy::Eager,
+                ..PlanConfig::default()
+            },
+        );
+        eager.set_block_rates(std::collections::HashMap::from([(1, 1.0)]));
+        eager.select(&m, 0, Some(10.0), &mut out);
+        assert_eq!(out, vec![0, 1, 2, 3]);
     }
 
     #[test]
