@@ -13,8 +13,9 @@ Subcommands:
   which `run` puts into results.json)
   check-fio IOLOG SECONDS  check that fio wrote microseconds: the last write of a run of
                            SECONDS must be near SECONDS * 1e6
-  run ...                  simulate every trace under every policy at two link loads, write
-                           results.json, results.md and timeline.svg, print the table
+  run ...                  simulate every trace under every policy at two link loads, and
+                           predictive and rate-oracle at each PT of a sweep; write
+                           results.json, results.md and timeline.svg, print the tables
   report --out DIR         rewrite results.md and timeline.svg from DIR/results.json
 """
 
@@ -32,7 +33,11 @@ import threading
 import time
 
 BLOCK = 4096  # the tracking block: minimal bytes are distinct 4 KiB blocks
-POLICIES = ["predictive", "at-close", "eager", "oracle"]
+POLICIES = ["predictive", "at-close", "eager", "oracle", "rate-oracle"]
+# The planner's policies, which take --k, --l and --pt.
+PLANNED = ("predictive", "rate-oracle")
+# The trade-off sweep: predictive and rate-oracle at each PT, every trace and load.
+SWEEP_PT = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
 INFINITE_LINK = 1 << 40  # 1 TiB/s: the calibration run's "infinite" link
 # Interval candidates in seconds: the largest that gives TARGET_INTERVALS.
 NICE_INTERVALS = [1, 2, 3, 5, 10, 15, 20, 30, 45, 60, 70, 90, 120, 180, 300, 600, 900]
@@ -280,7 +285,14 @@ def cmd_run(args):
                     tl = os.path.join(out, "timelines", f"{name}-{load:g}-{pol}.csv")
                 todo.append({"trace": name, "load": load, "interval_s": tr["interval_s"],
                              "link_bytes_per_s": rate, "policy": pol,
-                             "extra": extra if pol == "predictive" else [], "timeline": tl})
+                             "extra": extra if pol in PLANNED else [], "timeline": tl})
+            # The sweep: PT from the list, K and L as given.
+            kl = [a for i in range(0, len(extra), 2) if extra[i] != "--pt" for a in extra[i:i + 2]]
+            for pol in PLANNED:
+                for pt in SWEEP_PT:
+                    todo.append({"trace": name, "load": load, "interval_s": tr["interval_s"],
+                                 "link_bytes_per_s": rate, "policy": pol, "sweep_pt": pt,
+                                 "extra": kl + ["--pt", str(pt)], "timeline": None})
     done = [0]
 
     def one(run):
@@ -294,6 +306,8 @@ def cmd_run(args):
         with lock:
             done[0] += 1
             what = f"[{done[0]}/{len(todo)}] {run['trace']} load {run['load']:g} {run['policy']}"
+            if "sweep_pt" in run:
+                what += f" PT {run['sweep_pt']:g}"
             if err:
                 log(f"{what}: FAILED: {err}")
             else:
@@ -319,6 +333,7 @@ def cmd_run(args):
             "predictive_args": extra,
             "loads": loads,
             "policies": POLICIES,
+            "sweep_pt": SWEEP_PT,
             "calibration": "at-close on a 1 TiB/s link; link rate = median minimal bytes per interval / (load * interval)",
             "interval_rule": f"largest of {NICE_INTERVALS} s giving {TARGET_INTERVALS} full intervals of the trace",
             "targets": {
@@ -351,6 +366,8 @@ def targets(doc):
     """One entry per (trace, load): the three target ratios and pass/fail."""
     by = {}
     for r in doc["runs"]:
+        if "sweep_pt" in r:
+            continue
         by.setdefault((r["trace"], r["load"]), {})[r["policy"]] = r.get("result", {}).get("summary")
     out = []
     for (trace, load), pol in by.items():
@@ -383,7 +400,7 @@ def verdict(ok):
 
 
 def table_md(doc):
-    runs = {(r["trace"], r["load"], r["policy"]): r for r in doc["runs"]}
+    runs = {(r["trace"], r["load"], r["policy"]): r for r in doc["runs"] if "sweep_pt" not in r}
     tgt = {(t["trace"], t["load"]): t for t in doc["targets"]}
     head = (["trace", "load", "interval", "link"]
             + [f"{p} lag med / p95 (s)" for p in POLICIES]
@@ -429,6 +446,47 @@ def table_md(doc):
     return "\n".join(lines)
 
 
+def sweep_md(doc):
+    """The trade-off table: per trace, load and planned policy, each PT's lag against at-close's,
+    amplification and lag against the oracle's; a check where all three targets are met."""
+    main = {(r["trace"], r["load"], r["policy"]): r.get("result", {}).get("summary")
+            for r in doc["runs"] if "sweep_pt" not in r}
+    sweep = {(r["trace"], r["load"], r["policy"], r["sweep_pt"]): r for r in doc["runs"] if "sweep_pt" in r}
+    pts = doc["setup"].get("sweep_pt", [])
+    if not sweep:
+        return None, 0, 0
+    head = ["trace", "load", "policy"] + [f"PT {pt:g}" for pt in pts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    met = {p: set() for p in PLANNED}
+    rows = 0
+    for name in doc["traces"]:
+        for load in doc["setup"]["loads"]:
+            a, o = main.get((name, load, "at-close")), main.get((name, load, "oracle"))
+            if not (a and o):
+                continue
+            rows += 1
+            for pol in PLANNED:
+                cells = []
+                for pt in pts:
+                    r = sweep.get((name, load, pol, pt), {})
+                    s = r.get("result", {}).get("summary")
+                    if not s:
+                        cells.append("error" if "error" in r else "-")
+                        continue
+                    pm, am, om = s["median_lag_s"], a["median_lag_s"], o["median_lag_s"]
+                    vs_ac = pm / am if am > 0 else None
+                    ok_ac = pm / am <= TARGET_VS_AT_CLOSE if am > 0 else pm <= 0
+                    ok_amp = s["amplification"] <= TARGET_AMPLIFICATION
+                    vs_o = pm / om if om >= ORACLE_ZERO_S else None
+                    ok_o = (vs_o is not None and vs_o <= TARGET_VS_ORACLE) or pm < ORACLE_FLOOR_S
+                    if ok_ac and ok_amp and ok_o:
+                        met[pol].add((name, load))
+                    cells.append(f"{'n/a' if vs_ac is None else f'{vs_ac:.3f}'} / {s['amplification']:.3f} / "
+                                 f"{'n/a' if vs_o is None else f'{vs_o:.2f}'}{' **all**' if ok_ac and ok_amp and ok_o else ''}")
+                lines.append(f"| {name} | {load:.0%} | {pol} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), rows, {p: len(v) for p, v in met.items()}
+
+
 def report(out, doc):
     setup = doc["setup"]
     tgt = doc["targets"]
@@ -471,10 +529,26 @@ def report(out, doc):
               f"under {ORACLE_FLOOR_S:g} s, whatever the oracle's; the absolute lags are in the lag columns.")
     md.append("- eager uploads every change as soon as the link is free (little lag, much amplification); oracle knows the "
               "future writes (the bound). Raw summaries and every snapshot: results.json.")
+    md.append("- rate-oracle is a study, not a policy of the daemon: the predictive planner told each block's mean write "
+              "rate over the whole trace in place of its estimates (heat map, learned hot blocks). It knows how hot each "
+              "block is, not when it is written: what perfect heat estimates could gain.")
     if setup.get("timeline"):
         md.append(f"- timeline.svg: {setup['timeline']['trace']} at {setup['timeline']['load']:.0%} load around one close, "
                   "predictive and at-close.")
     md.append("")
+    table, rows, met = sweep_md(doc)
+    if table:
+        md.append("## The trade-off: PT")
+        md.append("")
+        md.append("Each cell: median lag / at-close's, amplification, median lag / the oracle's (n/a where the oracle's is "
+                  f"under {ORACLE_ZERO_S:g} s), at that PT (K and L as above); **all** where the three targets are met. "
+                  "A lower PT holds more back: less amplification, more lag.")
+        md.append("")
+        md.append(table)
+        md.append("")
+        md.append(f"Rows (trace and load) where some PT meets all three targets: predictive {met['predictive']} of {rows}, "
+                  f"rate-oracle {met['rate-oracle']} of {rows}.")
+        md.append("")
     text = "\n".join(md)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
