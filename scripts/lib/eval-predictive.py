@@ -371,22 +371,29 @@ def targets(doc):
         by.setdefault((r["trace"], r["load"]), {})[r["policy"]] = r.get("result", {}).get("summary")
     out = []
     for (trace, load), pol in by.items():
-        p, a, o = pol.get("predictive"), pol.get("at-close"), pol.get("oracle")
         t = {"trace": trace, "load": load}
-        if p and a:
-            pm, am = p["median_lag_s"], a["median_lag_s"]
-            # (at-close without lag: nothing to win; met only without lag too)
-            t["vs_at_close"] = pm / am if am > 0 else None
-            t["vs_at_close_pass"] = pm / am <= TARGET_VS_AT_CLOSE if am > 0 else pm <= 0
-        if p:
-            t["amplification"] = p["amplification"]
-            t["amplification_pass"] = p["amplification"] <= TARGET_AMPLIFICATION
-        if p and o:
-            pm, om = p["median_lag_s"], o["median_lag_s"]
-            t["vs_oracle"] = pm / om if om >= ORACLE_ZERO_S else None
-            t["vs_oracle_pass"] = (t["vs_oracle"] is not None and t["vs_oracle"] <= TARGET_VS_ORACLE) or pm < ORACLE_FLOOR_S
+        t.update(verdicts(pol.get("predictive"), pol.get("at-close"), pol.get("oracle")))
         out.append(t)
     return out
+
+
+def verdicts(p, a, o):
+    """The three target ratios and pass/fail of summary `p` against at-close's `a` and the
+    oracle's `o` (each may be None: its entries are left out)."""
+    t = {}
+    if p and a:
+        pm, am = p["median_lag_s"], a["median_lag_s"]
+        # (at-close without lag: nothing to win; met only without lag too)
+        t["vs_at_close"] = pm / am if am > 0 else None
+        t["vs_at_close_pass"] = pm / am <= TARGET_VS_AT_CLOSE if am > 0 else pm <= 0
+    if p:
+        t["amplification"] = p["amplification"]
+        t["amplification_pass"] = p["amplification"] <= TARGET_AMPLIFICATION
+    if p and o:
+        pm, om = p["median_lag_s"], o["median_lag_s"]
+        t["vs_oracle"] = pm / om if om >= ORACLE_ZERO_S else None
+        t["vs_oracle_pass"] = (t["vs_oracle"] is not None and t["vs_oracle"] <= TARGET_VS_ORACLE) or pm < ORACLE_FLOOR_S
+    return t
 
 
 def fmt_s(x):
@@ -473,16 +480,13 @@ def sweep_md(doc):
                     if not s:
                         cells.append("error" if "error" in r else "-")
                         continue
-                    pm, am, om = s["median_lag_s"], a["median_lag_s"], o["median_lag_s"]
-                    vs_ac = pm / am if am > 0 else None
-                    ok_ac = pm / am <= TARGET_VS_AT_CLOSE if am > 0 else pm <= 0
-                    ok_amp = s["amplification"] <= TARGET_AMPLIFICATION
-                    vs_o = pm / om if om >= ORACLE_ZERO_S else None
-                    ok_o = (vs_o is not None and vs_o <= TARGET_VS_ORACLE) or pm < ORACLE_FLOOR_S
-                    if ok_ac and ok_amp and ok_o:
+                    v = verdicts(s, a, o)
+                    vs_ac, vs_o = v["vs_at_close"], v["vs_oracle"]
+                    ok = v["vs_at_close_pass"] and v["amplification_pass"] and v["vs_oracle_pass"]
+                    if ok:
                         met[pol].add((name, load))
                     cells.append(f"{'n/a' if vs_ac is None else f'{vs_ac:.3f}'} / {s['amplification']:.3f} / "
-                                 f"{'n/a' if vs_o is None else f'{vs_o:.2f}'}{' **all**' if ok_ac and ok_amp and ok_o else ''}")
+                                 f"{'n/a' if vs_o is None else f'{vs_o:.2f}'}{' **all**' if ok else ''}")
                 lines.append(f"| {name} | {load:.0%} | {pol} | " + " | ".join(cells) + " |")
     return "\n".join(lines), rows, {p: len(v) for p, v in met.items()}
 
