@@ -328,6 +328,12 @@ impl HeatMap {
     }
 }
 
+/// The probability that a block written `rate` times a second (a Poisson
+/// process) is written within the next `span_s` seconds.
+fn written_within(rate: f64, span_s: f64) -> f64 {
+    1.0 - (-rate * span_s.max(0.0)).exp()
+}
+
 /// What the planner is told at each step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanInput {
@@ -427,18 +433,6 @@ impl Planner {
         self.block_rates = Some(rates);
     }
 
-    /// `P` of `block` `ts_s` before the close, from its given rate, if
-    /// rates are given.
-    fn block_probability(&self, block: u64, ts_s: f64) -> Option<f64> {
-        let rate = self
-            .block_rates
-            .as_ref()?
-            .get(&block)
-            .copied()
-            .unwrap_or(0.0);
-        Some(1.0 - (-rate * ts_s.max(0.0)).exp())
-    }
-
     /// Samples the heat counters (call it regularly, e.g. every second).
     pub fn sample(&mut self, map: &DirtyMap, now_s: f64) {
         self.heat.sample(map, now_s);
@@ -485,11 +479,8 @@ impl Planner {
         if self.cfg.policy != Policy::Predictive {
             return;
         }
-        if let (Some(ts), Some(_)) = (ts_s, &self.block_rates) {
-            out.retain(|&b| {
-                self.block_probability(b, ts)
-                    .is_some_and(|p| p < self.cfg.pt)
-            });
+        if let (Some(ts), Some(rates)) = (ts_s, &self.block_rates) {
+            out.retain(|b| written_within(rates.get(b).copied().unwrap_or(0.0), ts) < self.cfg.pt);
             return;
         }
         let near = ts_s.is_none_or(|ts| ts <= self.hot_lead_s.max(self.cfg.l_s));
@@ -521,11 +512,11 @@ impl Planner {
             return 1.0;
         }
         let over = self.heat.overwrite_rate_now(map, chunk, now_s);
-        let p_over = 1.0 - (-(over / n) * ts_s.max(0.0)).exp();
+        let p_over = written_within(over / n, ts_s);
         // The writes spread over the chunk's n dirty blocks, and a block is
         // exposed for the whole upload of the n: n * block / B seconds.
         let writes = self.heat.write_rate_now(map, chunk, now_s);
-        let p_stale = 1.0 - (-(writes / n) * upload_s).exp();
+        let p_stale = written_within(writes / n, upload_s);
         1.0 - (1.0 - p_over) * (1.0 - p_stale)
     }
 
@@ -625,20 +616,18 @@ impl Planner {
         // nothing else waits whole, and its P is that of what it offers.
         let hot_wait = ts > self.hot_lead_s.max(self.cfg.l_s);
         for e in &mut scratch {
-            if self.block_rates.is_some() {
+            if let Some(rates) = &self.block_rates {
                 // The study: the blocks under PT, by their own P.
-                let mut blocks = std::mem::take(&mut self.blocks);
-                blocks.clear();
-                map.dirty_blocks(e.1, &mut blocks);
+                self.blocks.clear();
+                map.dirty_blocks(e.1, &mut self.blocks);
                 let (mut offered, mut p_max) = (0u64, 0.0f64);
-                for &b in &blocks {
-                    let p = self.block_probability(b, ts).unwrap_or(0.0);
+                for b in &self.blocks {
+                    let p = written_within(rates.get(b).copied().unwrap_or(0.0), ts);
                     if p < self.cfg.pt {
                         offered += 1;
                         p_max = p_max.max(p);
                     }
                 }
-                self.blocks = blocks;
                 plan.hot_bytes += (e.2 - offered.min(e.2)) * self.block_bytes;
                 e.2 = offered;
                 e.0 = if offered == 0 { f64::INFINITY } else { p_max };

@@ -240,21 +240,32 @@ pub fn simulate(
             };
             let mut sim = Sim::new(volume_bytes, cfg, pc, closes);
             sim.planner
-                .set_block_rates(block_rates(writes, cfg.geometry, trace_s));
+                .set_block_rates(block_rates(writes, volume_bytes, cfg.geometry, trace_s));
             Ok(sim.run(writes, &secs))
         }
     }
 }
 
+/// The blocks (of `block_bytes`) that `w` writes on a volume of `blocks`.
+fn blocks_written(w: &TraceWrite, block_bytes: u64, blocks: u64) -> std::ops::RangeInclusive<u64> {
+    let last = (w.offset + w.len.max(1) - 1) / block_bytes;
+    w.offset / block_bytes..=last.min(blocks.saturating_sub(1))
+}
+
 /// Each block's mean write rate over the trace: writes to it per second
 /// of the trace's span (at least a second).
-fn block_rates(writes: &[TraceWrite], geometry: Geometry, span_s: f64) -> HashMap<u64, f64> {
+fn block_rates(
+    writes: &[TraceWrite],
+    volume_bytes: u64,
+    geometry: Geometry,
+    span_s: f64,
+) -> HashMap<u64, f64> {
     let bs = 1u64 << geometry.block_shift;
+    let blocks = volume_bytes.div_ceil(bs);
     let per_write = 1.0 / span_s.max(1.0);
     let mut rates: HashMap<u64, f64> = HashMap::new();
     for w in writes {
-        let (b0, b1) = (w.offset / bs, (w.offset + w.len.max(1) - 1) / bs);
-        for b in b0..=b1 {
+        for b in blocks_written(w, bs, blocks) {
             *rates.entry(b).or_default() += per_write;
         }
     }
@@ -595,8 +606,7 @@ fn oracle(
                 break;
             }
             i += 1;
-            let (b0, b1) = (w.offset / bs, (w.offset + w.len.max(1) - 1) / bs);
-            for b in b0..=b1.min(blocks.saturating_sub(1)) {
+            for b in blocks_written(w, bs, blocks) {
                 last.insert(b, t);
             }
         }
