@@ -92,6 +92,7 @@
 //! this code.
 
 use foresnap_driver::tracking::DirtyMap;
+use std::collections::HashMap;
 
 /// When the open epoch is uploaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,6 +335,11 @@ fn written_within(rate: f64, span_s: f64) -> f64 {
     1.0 - (-rate * span_s.max(0.0)).exp()
 }
 
+/// A block's rate in given rates: writes a second (0 if never written).
+fn given_rate(rates: &HashMap<u64, f64>, block: u64) -> f64 {
+    rates.get(&block).copied().unwrap_or(0.0)
+}
+
 /// What the planner is told at each step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanInput {
@@ -394,7 +400,7 @@ pub struct Planner {
     /// Each block's write rate, given (the study of the module doc):
     /// writes per second by volume block; a block not in it is never
     /// written.
-    block_rates: Option<std::collections::HashMap<u64, f64>>,
+    block_rates: Option<HashMap<u64, f64>>,
     /// Scratch: a chunk's dirty blocks.
     blocks: Vec<u64>,
 }
@@ -429,7 +435,7 @@ impl Planner {
     /// Gives the planner each block's write rate (writes per second, by
     /// volume block), to be used instead of its estimates: a study, the
     /// simulator's rate oracle (module doc).
-    pub fn set_block_rates(&mut self, rates: std::collections::HashMap<u64, f64>) {
+    pub fn set_block_rates(&mut self, rates: HashMap<u64, f64>) {
         self.block_rates = Some(rates);
     }
 
@@ -480,7 +486,7 @@ impl Planner {
             return;
         }
         if let (Some(ts), Some(rates)) = (ts_s, &self.block_rates) {
-            out.retain(|b| written_within(rates.get(b).copied().unwrap_or(0.0), ts) < self.cfg.pt);
+            out.retain(|b| written_within(given_rate(rates, *b), ts) < self.cfg.pt);
             return;
         }
         let near = ts_s.is_none_or(|ts| ts <= self.hot_lead_s.max(self.cfg.l_s));
@@ -541,7 +547,7 @@ impl Planner {
         let d = open_bytes + input.closed_pending_bytes;
         // The hot blocks' own start rule (module doc).
         let per_chunk = 1u64 << (map.geometry().chunk_shift - map.geometry().block_shift);
-        let mut hot_in: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let mut hot_in: HashMap<u64, u64> = HashMap::new();
         let mut still_hot = Vec::new();
         for &b in self.hot.union(&self.hot_before) {
             if b < map.blocks() && map.state(b) == foresnap_driver::tracking::BlockState::Dirty {
@@ -622,7 +628,7 @@ impl Planner {
                 map.dirty_blocks(e.1, &mut self.blocks);
                 let (mut offered, mut p_max) = (0u64, 0.0f64);
                 for b in &self.blocks {
-                    let p = written_within(rates.get(b).copied().unwrap_or(0.0), ts);
+                    let p = written_within(given_rate(rates, *b), ts);
                     if p < self.cfg.pt {
                         offered += 1;
                         p_max = p_max.max(p);
@@ -972,7 +978,7 @@ mod tests {
         write(&m, 1024, 4); // chunk 1: warm
         write(&m, 2048, 1); // chunk 2: only a hot block
         let mut p = Planner::new(&m, PlanConfig::default());
-        let mut rates = std::collections::HashMap::new();
+        let mut rates = HashMap::new();
         rates.insert(1, 1.0);
         rates.insert(2048, 1.0);
         for b in 1024..1028 {
@@ -1002,7 +1008,7 @@ mod tests {
                 ..PlanConfig::default()
             },
         );
-        eager.set_block_rates(std::collections::HashMap::from([(1, 1.0)]));
+        eager.set_block_rates(HashMap::from([(1, 1.0)]));
         eager.select(&m, 0, Some(10.0), &mut out);
         assert_eq!(out, vec![0, 1, 2, 3]);
     }

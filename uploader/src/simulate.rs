@@ -246,12 +246,6 @@ pub fn simulate(
     }
 }
 
-/// The blocks (of `block_bytes`) that `w` writes on a volume of `blocks`.
-fn blocks_written(w: &TraceWrite, block_bytes: u64, blocks: u64) -> std::ops::RangeInclusive<u64> {
-    let last = (w.offset + w.len.max(1) - 1) / block_bytes;
-    w.offset / block_bytes..=last.min(blocks.saturating_sub(1))
-}
-
 /// Each block's mean write rate over the trace: writes to it per second
 /// of the trace's span (at least a second).
 fn block_rates(
@@ -265,7 +259,8 @@ fn block_rates(
     let per_write = 1.0 / span_s.max(1.0);
     let mut rates: HashMap<u64, f64> = HashMap::new();
     for w in writes {
-        for b in blocks_written(w, bs, blocks) {
+        let (b0, b1) = geometry.block_range(w.offset, w.len, blocks);
+        for b in b0..=b1 {
             *rates.entry(b).or_default() += per_write;
         }
     }
@@ -606,7 +601,8 @@ fn oracle(
                 break;
             }
             i += 1;
-            for b in blocks_written(w, bs, blocks) {
+            let (b0, b1) = cfg.geometry.block_range(w.offset, w.len, blocks);
+            for b in b0..=b1 {
                 last.insert(b, t);
             }
         }

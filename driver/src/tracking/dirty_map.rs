@@ -139,6 +139,17 @@ pub struct Geometry {
     pub chunk_shift: u32,
 }
 
+impl Geometry {
+    /// The blocks `[first, last]` a byte range touches on a volume of
+    /// `blocks` blocks (a range past the end is clamped to the last block).
+    #[inline]
+    pub fn block_range(&self, offset: u64, len: u64, blocks: u64) -> (u64, u64) {
+        let first = offset >> self.block_shift;
+        let last = (offset + len.max(1) - 1) >> self.block_shift;
+        (first, last.min(blocks.saturating_sub(1)))
+    }
+}
+
 impl Default for Geometry {
     fn default() -> Self {
         Geometry {
@@ -307,9 +318,7 @@ impl DirtyMap {
 
     /// The blocks `[first, last]` a byte range touches.
     pub fn block_range(&self, offset: u64, len: u64) -> (u64, u64) {
-        let first = offset >> self.geo.block_shift;
-        let last = (offset + len.max(1) - 1) >> self.geo.block_shift;
-        (first, last.min(self.blocks.saturating_sub(1)))
+        self.geo.block_range(offset, len, self.blocks)
     }
 
     fn chunk_range(&self, offset: u64, len: u64) -> (usize, usize) {
@@ -725,6 +734,31 @@ mod tests {
         let mut credited = Vec::new();
         m.ack_open(&up, &mut credited);
         Some(credited)
+    }
+
+    /// A byte range maps to the blocks it touches, a zero-length range to
+    /// the block at its offset, and a range past the end to the last block;
+    /// the map answers as its geometry does.
+    #[test]
+    fn block_range_touches_and_clamps() {
+        let geo = Geometry::default();
+        let m = DirtyMap::new(10 * 4096 + 100, geo);
+        assert_eq!(m.blocks(), 11);
+        for (offset, len, want) in [
+            (0, 4096, (0, 0)),
+            (4095, 2, (0, 1)),
+            (8192, 0, (2, 2)),
+            (4096, 3 * 4096, (1, 3)),
+            (10 * 4096, 4096, (10, 10)),
+            (9 * 4096, 5 * 4096, (9, 10)),
+        ] {
+            assert_eq!(
+                geo.block_range(offset, len, m.blocks()),
+                want,
+                "{offset}+{len}"
+            );
+            assert_eq!(m.block_range(offset, len), want, "{offset}+{len}");
+        }
     }
 
     #[test]
